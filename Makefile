@@ -1,0 +1,31 @@
+# Bootstrap: each target installs what it needs (venv, packages, OpenSSH server).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+SUDO := $(shell [ "$$(id -u)" = "0" ] || echo sudo)
+
+.PHONY: demo test lint bench deps sshd
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev,bench]'
+	touch $@
+
+deps: $(VENV)/.installed
+
+sshd:
+	@[ -x /usr/sbin/sshd ] || { $(SUDO) apt-get update -qq && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server; }
+
+demo: deps sshd
+	$(PY) run_pipeline.py demo
+
+test: deps sshd
+	$(PY) -m pytest -q
+
+lint: deps
+	$(PY) -m ruff check pipeline tests benchmarks
+
+bench: deps
+	$(PY) benchmarks/bench_pipeline.py --lines 1000000

@@ -1,0 +1,169 @@
+"""Command line: run, backfill, status, demo, generate. Errors are one line unless --debug."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from datetime import date
+
+from pipeline.errors import ConfigError, PipelineError
+
+log = logging.getLogger("pipeline")
+
+
+def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> int:
+    env = os.environ if env is None else env
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse: usage errors exit 2, --help exits 0
+        return int(exc.code or 0)
+    _setup_logging(getattr(args, "debug", False), getattr(args, "json", False))
+    try:
+        return int(args.handler(args, env))
+    except PipelineError as exc:
+        return _fail(args, exc, exc.exit_code)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 1
+    except Exception as exc:  # last resort: still one line, never a record's content
+        return _fail(args, exc, 1, prefix=f"unexpected {type(exc).__name__}")
+
+
+def _fail(args: argparse.Namespace, exc: BaseException, code: int, prefix: str = "error") -> int:
+    if getattr(args, "debug", False):
+        log.exception("failed")
+    message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    print(f"{prefix}: {message}", file=sys.stderr)
+    return code
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="run_pipeline.py", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="process every complete delivery not yet processed")
+    _common(run)
+    run.add_argument("--date", type=_date, help="only deliveries of this date (YYYY-MM-DD)")
+    run.add_argument("--force", action="store_true", help="reprocess processed deliveries")
+    run.add_argument("--full", action="store_true", help="export feeds: republish everything")
+    run.set_defaults(handler=_cmd_run)
+
+    backfill = sub.add_parser("backfill", help="reprocess the deliveries of a date range")
+    _common(backfill)
+    backfill.add_argument("--from", dest="date_from", type=_date, required=True)
+    backfill.add_argument("--to", dest="date_to", type=_date, required=True)
+    backfill.set_defaults(handler=_cmd_run)
+
+    status = sub.add_parser("status", help="ledger summary: last runs, failed and pending")
+    status.add_argument("--config", required=True)
+    status.add_argument("--json", action="store_true")
+    status.add_argument("--debug", action="store_true")
+    status.set_defaults(handler=_cmd_status)
+
+    demo = sub.add_parser("demo", help="zero set-up end-to-end run on local S3 and SFTP servers")
+    demo.add_argument("--output", default="demo-output", help="folder for outputs and state")
+    demo.add_argument("--lines", type=int, default=2000)
+    demo.add_argument("--json", action="store_true")
+    demo.add_argument("--debug", action="store_true")
+    demo.set_defaults(handler=_cmd_demo)
+
+    gen = sub.add_parser("generate", help="write synthetic deliveries and a profile snapshot")
+    gen.add_argument("--output", required=True, help="folder to write feed/ and profiles/ into")
+    gen.add_argument("--lines", type=int, default=10_000)
+    gen.add_argument("--profiles", type=int, default=5_000)
+    gen.add_argument("--files", type=int, default=2, help="split files per delivery")
+    gen.add_argument("--deliveries", type=int, default=1)
+    gen.add_argument("--seed", type=int, default=1)
+    gen.add_argument("--debug", action="store_true")
+    gen.set_defaults(handler=_cmd_generate)
+    return parser
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="TOML configuration file")
+    p.add_argument("--dry-run", action="store_true", help="report what would be done; write nothing")
+    p.add_argument("--json", action="store_true", help="print the run report as JSON on stdout")
+    p.add_argument("--debug", action="store_true", help="verbose logs and tracebacks")
+
+
+def _date(text: str) -> date:
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a date (YYYY-MM-DD): {text!r}") from None
+
+
+def _setup_logging(debug: bool, quiet: bool) -> None:
+    level = logging.DEBUG if debug else (logging.WARNING if quiet else logging.INFO)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    for noisy in ("botocore", "boto3", "urllib3", "paramiko", "s3transfer", "werkzeug"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _cmd_run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    from pipeline.config import load_config
+    from pipeline.console import Progress, print_report
+    from pipeline.run import RunOptions, execute
+
+    config = load_config(args.config, env)
+    if args.command == "backfill" and args.date_from > args.date_to:
+        raise ConfigError("--from must not be after --to")
+    options = RunOptions(
+        command=args.command,
+        day=getattr(args, "date", None),
+        date_from=getattr(args, "date_from", None),
+        date_to=getattr(args, "date_to", None),
+        force=getattr(args, "force", False),
+        full=getattr(args, "full", False),
+        dry_run=args.dry_run,
+    )
+    with Progress(enabled=not args.json) as progress:
+        report = execute(config, options, on_delivery=progress.delivery_done)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=1))
+    else:
+        print_report(report)
+    return report.exit_code()
+
+
+def _cmd_status(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    from pipeline.config import load_config
+    from pipeline.console import print_status
+    from pipeline.status import summary
+
+    config = load_config(args.config, env)
+    data = summary(config)
+    if args.json:
+        print(json.dumps(data, indent=1))
+    else:
+        print_status(data)
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    from pipeline.demo import run_demo
+
+    return run_demo(args.output, lines=args.lines, as_json=args.json)
+
+
+def _cmd_generate(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    from pipeline.generate import GenerateSpec, generate
+
+    spec = GenerateSpec(lines=args.lines, profiles=args.profiles, files=args.files,
+                        deliveries=args.deliveries, seed=args.seed)
+    result = generate(args.output, spec)
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

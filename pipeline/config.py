@@ -1,0 +1,358 @@
+"""TOML configuration: frozen dataclasses, validated on load, secrets read from env by name."""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import ConfigError
+from pipeline.stores import StoreOptions
+
+ID_TYPES = ("ecid", "declared")
+ID_KINDS = ("email", "phone", "crm")
+ENCODINGS = ("plain", "sha256", "encrypted", "auto")
+ALGORITHMS = ("aes-gcm", "aes-cbc")
+FEED_KINDS = ("aam_segments", "campaign_export")
+DEST_KINDS = ("campaign_list", "aam_inbound", "no_profile_contacts")
+DPUUID_IDS = ("email_sha256", "profile_id", "crm_id", "ecid")
+
+
+@dataclass(frozen=True)
+class Location:
+    """A store URL with its connection options."""
+
+    url: str
+    options: StoreOptions = field(default_factory=StoreOptions)
+
+
+@dataclass(frozen=True)
+class FeedConfig:
+    name: str
+    source: Location
+    kind: str = "aam_segments"
+    id_type: str = "declared"
+    id_kind: str = "email"
+    id_encoding: str = "plain"
+    default_country: str | None = None
+    decryption: str | None = None
+    key_env: str | None = None
+    key: bytes | None = field(default=None, repr=False)
+    iv: bytes | None = field(default=None, repr=False)
+    max_reject_ratio: float = 0.05
+    require_info: bool = True
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        """Profile key kinds this feed's IDs are looked up in."""
+        return ("ecid",) if self.id_type == "ecid" else (self.id_kind,)
+
+
+@dataclass(frozen=True)
+class DestinationConfig:
+    name: str
+    kind: str
+    target: Location
+    format: str = "csv"
+    dpid: int | None = None
+    id: str = "email_sha256"
+    segment_filter: tuple[int, ...] | None = None  # campaign_list: segments to export
+    traits: Mapping[int, int] = field(default_factory=dict)  # aam_inbound: segment -> trait
+    audiences: Mapping[str, int] = field(default_factory=dict)  # campaign_export: name -> trait
+    max_lines_per_file: int = 5_000_000
+    gzip: bool = False
+
+
+@dataclass(frozen=True)
+class Config:
+    state: Location
+    snapshot: Location
+    default_country: str | None
+    feeds: tuple[FeedConfig, ...]
+    destinations: tuple[DestinationConfig, ...]
+    source_path: str = ""
+
+
+def load_config(path: str | Path, env: Mapping[str, str]) -> Config:
+    """Read and validate a config file; every problem is a ConfigError naming the key."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    return parse_config(raw, env, base_dir=path.parent, source_path=str(path))
+
+
+def parse_config(
+    raw: Mapping[str, Any], env: Mapping[str, str], base_dir: Path, source_path: str = ""
+) -> Config:
+    _known(raw, "", {"state", "profiles", "feeds", "destinations"})
+    state = _table(raw, "state", required=True)
+    _known(state, "state", {"location", "known_hosts", "identity_file"})
+    profiles = _table(raw, "profiles", required=True)
+    _known(profiles, "profiles", {"snapshot", "default_country", "known_hosts", "identity_file"})
+    feeds_raw = _array(raw, "feeds")
+    dests_raw = _array(raw, "destinations")
+    feeds = tuple(_feed(f, i, env, base_dir) for i, f in enumerate(feeds_raw))
+    dests = tuple(_destination(d, i, base_dir) for i, d in enumerate(dests_raw))
+    _unique([f.name for f in feeds], "feeds")
+    _unique([d.name for d in dests], "destinations")
+    country = _opt(profiles, "profiles", "default_country", str)
+    return Config(
+        state=_location(state, "state", "location", base_dir),
+        snapshot=_location(profiles, "profiles", "snapshot", base_dir),
+        default_country=_country(country, "profiles.default_country"),
+        feeds=feeds,
+        destinations=dests,
+        source_path=source_path,
+    )
+
+
+def _feed(raw: Any, i: int, env: Mapping[str, str], base_dir: Path) -> FeedConfig:
+    where = f"feeds[{i}]"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where} must be a table")
+    _known(raw, where, {
+        "name", "source", "kind", "known_hosts", "identity_file", "id_type", "id_kind",
+        "id_encoding", "default_country", "decryption", "key_env", "iv_env",
+        "max_reject_ratio", "require_info",
+    })
+    name = _req(raw, where, "name", str)
+    where = f"feeds.{name}"
+    kind = _choice(raw, where, "kind", FEED_KINDS, "aam_segments")
+    id_type = _choice(raw, where, "id_type", ID_TYPES, "declared")
+    id_kind = _choice(raw, where, "id_kind", ID_KINDS, "email")
+    encoding = _choice(raw, where, "id_encoding", ENCODINGS, "plain")
+    if id_type == "ecid" and encoding not in ("plain",):
+        raise ConfigError(f"{where}.id_encoding: ECID feeds carry plain IDs, got {encoding!r}")
+    ratio = _opt(raw, where, "max_reject_ratio", (int, float))
+    ratio = 0.05 if ratio is None else float(ratio)
+    if not 0 <= ratio <= 1:
+        raise ConfigError(f"{where}.max_reject_ratio: must be between 0 and 1")
+    decryption, key_env, key, iv = None, None, None, None
+    if encoding in ("encrypted", "auto") and kind == "aam_segments":
+        decryption = _choice(raw, where, "decryption", ALGORITHMS, None)
+        if decryption is None:
+            raise ConfigError(f"{where}.decryption: required when id_encoding is {encoding!r}")
+        key_env = _req(raw, where, "key_env", str)
+        key = _secret(env, key_env, f"{where}.key_env")
+        iv_env = _opt(raw, where, "iv_env", str)
+        if iv_env is not None:
+            if decryption != "aes-cbc":
+                raise ConfigError(f"{where}.iv_env: only used with decryption = 'aes-cbc'")
+            iv = _secret(env, iv_env, f"{where}.iv_env", lengths=(16,))
+    return FeedConfig(
+        name=name,
+        source=_location(raw, where, "source", base_dir),
+        kind=kind,
+        id_type=id_type,
+        id_kind=id_kind,
+        id_encoding=encoding,
+        default_country=_country(_opt(raw, where, "default_country", str),
+                                 f"{where}.default_country"),
+        decryption=decryption,
+        key_env=key_env,
+        key=key,
+        iv=iv,
+        max_reject_ratio=ratio,
+        require_info=bool(_opt(raw, where, "require_info", bool, True)),
+    )
+
+
+def _destination(raw: Any, i: int, base_dir: Path) -> DestinationConfig:
+    where = f"destinations[{i}]"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where} must be a table")
+    _known(raw, where, {
+        "name", "kind", "target", "format", "dpid", "id", "segments", "audiences",
+        "max_lines_per_file", "gzip", "known_hosts", "identity_file", "sse",
+    })
+    name = _req(raw, where, "name", str)
+    where = f"destinations.{name}"
+    kind = _choice(raw, where, "kind", DEST_KINDS, None)
+    if kind is None:
+        raise ConfigError(f"{where}.kind: required, one of {', '.join(DEST_KINDS)}")
+    target = _location(raw, where, "target", base_dir)
+    fmt = _choice(raw, where, "format", ("csv", "parquet"), "csv")
+    max_lines = _opt(raw, where, "max_lines_per_file", int, 5_000_000)
+    if max_lines < 1:
+        raise ConfigError(f"{where}.max_lines_per_file: must be a positive integer")
+    dest = DestinationConfig(
+        name=name, kind=kind, target=target, format=fmt,
+        id=_choice(raw, where, "id", DPUUID_IDS, "email_sha256"),
+        max_lines_per_file=max_lines,
+        gzip=bool(_opt(raw, where, "gzip", bool, False)),
+    )
+    segments = raw.get("segments")
+    if kind == "campaign_list":
+        if segments is not None:
+            if not isinstance(segments, list) or not all(_pos_int(s) for s in segments):
+                raise ConfigError(f"{where}.segments: must be a list of positive segment IDs")
+            dest = _replace(dest, segment_filter=tuple(int(s) for s in segments))
+        return dest
+    if kind == "aam_inbound":
+        dpid = _req(raw, where, "dpid", int)
+        if dpid <= 0:
+            raise ConfigError(f"{where}.dpid: must be a positive integer")
+        traits = _int_table(segments, f"{where}.segments", key_is_int=True) if segments else {}
+        audiences = _int_table(raw.get("audiences"), f"{where}.audiences", key_is_int=False)
+        if not traits and not audiences:
+            raise ConfigError(f"{where}.segments: required (segment ID -> trait ID table)")
+        return _replace(dest, dpid=dpid, traits=traits, audiences=audiences)
+    # no_profile_contacts carries PII: only encrypted-at-rest targets are allowed.
+    url = target.url
+    if url.startswith("s3://") and not target.options.sse:
+        raise ConfigError(f"{where}.sse: required for no_profile_contacts on S3 (PII at rest)")
+    if not url.startswith(("s3://", "sftp://")):
+        raise ConfigError(f"{where}.target: no_profile_contacts must go to SFTP or S3 with sse")
+    return dest
+
+
+def _replace(dest: DestinationConfig, **changes: Any) -> DestinationConfig:
+    from dataclasses import replace
+
+    return replace(dest, **changes)
+
+
+def _location(raw: Mapping[str, Any], where: str, key: str, base_dir: Path) -> Location:
+    url = _req(raw, where, key, str)
+    if not url.strip():
+        raise ConfigError(f"{where}.{key}: must not be empty")
+    if url.startswith("sftp://"):
+        if "@" not in url.split("://", 1)[1].split("/", 1)[0]:
+            raise ConfigError(f"{where}.{key}: SFTP URL needs a user (sftp://user@host:port/path)")
+        for needed in ("known_hosts", "identity_file"):
+            if not raw.get(needed):
+                raise ConfigError(f"{where}.{needed}: required for an SFTP location")
+    elif "://" in url and not url.startswith(("s3://", "file://")):
+        raise ConfigError(f"{where}.{key}: unsupported URL scheme in {url!r}")
+    elif "://" not in url:
+        url = str((base_dir / Path(url).expanduser()).resolve())
+    options = StoreOptions(
+        known_hosts=_path_opt(raw, where, "known_hosts", base_dir),
+        identity_file=_path_opt(raw, where, "identity_file", base_dir),
+        sse=_choice(raw, where, "sse", ("AES256", "aws:kms"), None),
+    )
+    return Location(url=url, options=options)
+
+
+def _path_opt(raw: Mapping[str, Any], where: str, key: str, base_dir: Path) -> str | None:
+    value = _opt(raw, where, key, str)
+    if value is None:
+        return None
+    path = (base_dir / Path(value).expanduser()).resolve()
+    if not path.is_file():
+        raise ConfigError(f"{where}.{key}: file not found: {path}")
+    return str(path)
+
+
+def _secret(env: Mapping[str, str], name: str, where: str, lengths=(16, 24, 32)) -> bytes:
+    from pipeline.identity import load_key
+
+    value = env.get(name)
+    if not value:
+        raise ConfigError(f"{where}: environment variable {name} is not set")
+    try:
+        key = load_key(value)
+    except ConfigError:
+        raise ConfigError(
+            f"{where}: environment variable {name} must hold hex or Base64 of "
+            f"{'/'.join(map(str, lengths))} bytes"
+        ) from None
+    if len(key) not in lengths:
+        raise ConfigError(f"{where}: environment variable {name} must hold {lengths[0]} bytes")
+    return key
+
+
+def _country(value: str | None, where: str) -> str | None:
+    if value is None:
+        return None
+    if len(value) != 2 or not value.isalpha():
+        raise ConfigError(f"{where}: must be an ISO-3166 alpha-2 code, got {value!r}")
+    return value.upper()
+
+
+def _int_table(value: Any, where: str, key_is_int: bool) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: must be a table")
+    out: dict = {}
+    for k, v in value.items():
+        if key_is_int and not _pos_int(k):
+            raise ConfigError(f"{where}: key {k!r} is not a positive segment ID")
+        if not _pos_int(v):
+            raise ConfigError(f"{where}.{k}: trait ID must be a positive integer")
+        out[int(k) if key_is_int else str(k)] = int(v)
+    return out
+
+
+def _pos_int(value: Any) -> bool:
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return value > 0
+    return isinstance(value, str) and value.isdigit() and int(value) > 0
+
+
+def _known(raw: Mapping[str, Any], where: str, allowed: set[str]) -> None:
+    for key in raw:
+        if key not in allowed:
+            prefix = f"{where}." if where else ""
+            raise ConfigError(f"{prefix}{key}: unknown key")
+
+
+def _table(raw: Mapping[str, Any], key: str, required: bool) -> Mapping[str, Any]:
+    value = raw.get(key)
+    if value is None:
+        if required:
+            raise ConfigError(f"{key}: required table [{key}] is missing")
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key}: must be a table")
+    return value
+
+
+def _array(raw: Mapping[str, Any], key: str) -> list:
+    value = raw.get(key, [])
+    if not isinstance(value, list):
+        raise ConfigError(f"{key}: must be an array of tables ([[{key}]])")
+    return value
+
+
+def _unique(names: list[str], where: str) -> None:
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            raise ConfigError(f"{where}.{name}: duplicate name")
+        seen.add(name)
+
+
+def _req(raw: Mapping[str, Any], where: str, key: str, typ: Any) -> Any:
+    if key not in raw:
+        raise ConfigError(f"{where}.{key}: required")
+    return _opt(raw, where, key, typ)
+
+
+def _opt(raw: Mapping[str, Any], where: str, key: str, typ: Any, default: Any = None) -> Any:
+    value = raw.get(key, default)
+    if value is None:
+        return None
+    if isinstance(value, bool) and typ is not bool:
+        raise ConfigError(f"{where}.{key}: wrong type (bool)")
+    if not isinstance(value, typ):
+        raise ConfigError(f"{where}.{key}: wrong type ({type(value).__name__})")
+    return value
+
+
+def _choice(raw: Mapping[str, Any], where: str, key: str, choices: tuple, default: Any) -> Any:
+    value = _opt(raw, where, key, str, default)
+    if value is not None and value not in choices:
+        raise ConfigError(f"{where}.{key}: must be one of {', '.join(choices)}, got {value!r}")
+    return value

@@ -1,0 +1,272 @@
+"""Identity rules of SPEC §3: normalization, SHA-256 keys, incoming hashes, keys and decryption.
+
+Everything is an expression factory or a batch helper. Python runs per row only where no
+vectorized form exists (phone parsing, AES), and then once per distinct value of a batch.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+import re
+from collections.abc import Callable, Sequence
+
+import phonenumbers
+import polars as pl
+import polars_hash as plh
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from pipeline.errors import ConfigError
+
+KINDS = ("ecid", "email", "phone", "crm")
+ALGORITHMS = ("aes-gcm", "aes-cbc")
+KEY_SIZES = (16, 24, 32)
+
+_NULL_STR = pl.lit(None, dtype=pl.String)
+# One '@', a non-empty local part, a domain of 2+ non-empty dot-separated labels; no
+# whitespace or control character anywhere (Rust regex: \s and \p{Cc} are Unicode-aware).
+_EMAIL = r"^[^@\s\p{Cc}]+@[^@.\s\p{Cc}]+(?:\.[^@.\s\p{Cc}]+)+$"
+_ECID = r"^[0-9]{38}$"  # [0-9], not \d: \d would also accept non-ASCII digits
+_HEX64 = r"^[0-9A-Fa-f]{64}$"
+_B64_DIGEST = r"^[A-Za-z0-9+/]{43}=$"  # the only standard Base64 shape of 32 bytes
+_GCM_NONCE, _GCM_TAG, _BLOCK = 12, 16, 16
+_TO_STANDARD_B64 = str.maketrans("-_", "+/")
+
+
+def sha256_hex(expr: pl.Expr) -> pl.Expr:
+    """SHA-256 of the UTF-8 string as lowercase hex; null stays null (never `pl.Expr.hash`)."""
+    return plh.CryptographicHashingNameSpace(expr).sha2_256()
+
+
+def normalize_email(expr: pl.Expr) -> pl.Expr:
+    """Trim, lowercase, then NFC; null unless the result is a plausible address.
+
+    NFC makes a decomposed "é" (e + U+0301) and the composed one meet on one key; it runs
+    after lowercasing because case mapping may emit decomposed sequences.
+    """
+    value = expr.str.strip_chars().str.to_lowercase().str.normalize("NFC")
+    return pl.when(value.str.contains(_EMAIL)).then(value).otherwise(_NULL_STR)
+
+
+def normalize_ecid(expr: pl.Expr) -> pl.Expr:
+    """Strip; exactly 38 ASCII digits, else null."""
+    value = expr.str.strip_chars()
+    return pl.when(value.str.contains(_ECID)).then(value).otherwise(_NULL_STR)
+
+
+def normalize_crm(expr: pl.Expr) -> pl.Expr:
+    """Strip; empty is null; otherwise compared exactly (case kept)."""
+    value = expr.str.strip_chars()
+    return pl.when(value.str.len_bytes() > 0).then(value).otherwise(_NULL_STR)
+
+
+def normalize_phone(expr: pl.Expr, default_country: pl.Expr | str | None) -> pl.Expr:
+    """E.164 via `phonenumbers` with a default region; null if unparsable, impossible or invalid.
+
+    `default_country` is an ISO-3166 alpha-2 literal, a per-row expression (a null region
+    accepts only international `+...` numbers), or None. Parsing runs once per distinct
+    (number, region) pair of each batch.
+    """
+    if isinstance(default_country, str):
+        region = default_country.strip().upper()
+        if region not in phonenumbers.SUPPORTED_REGIONS:
+            raise ConfigError(f"default_country {default_country!r} is not a known region")
+        country: pl.Expr = pl.lit(region, dtype=pl.String)
+    elif default_country is None:
+        country = _NULL_STR
+    else:
+        country = default_country.str.strip_chars().str.to_uppercase()
+    # The struct is named after its first field, so the result keeps the input's name.
+    pairs = pl.struct(expr.str.strip_chars(), country.alias("__default_region__"))
+    return pairs.map_batches(
+        lambda batch: _map_unique(batch, _e164), return_dtype=pl.String, is_elementwise=True
+    )
+
+
+def _e164(number: str | None, region: str | None) -> str | None:
+    if not number:
+        return None
+    try:
+        parsed = phonenumbers.parse(number, region)
+    except phonenumbers.NumberParseException:
+        return None
+    if not (phonenumbers.is_possible_number(parsed) and phonenumbers.is_valid_number(parsed)):
+        return None
+    return phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
+
+
+def normalize(kind: str, expr: pl.Expr, default_country: pl.Expr | str | None = None) -> pl.Expr:
+    """Normalize a plain ID of `kind` (ecid | email | phone | crm); invalid IDs become null."""
+    if kind == "phone":
+        return normalize_phone(expr, default_country)
+    factories = {"ecid": normalize_ecid, "email": normalize_email, "crm": normalize_crm}
+    if kind not in factories:
+        raise ConfigError(f"id kind {kind!r} must be one of {', '.join(KINDS)}")
+    return factories[kind](expr)
+
+
+def parse_incoming_hash(expr: pl.Expr) -> pl.Expr:
+    """An incoming SHA-256 as lowercase hex: 64 hex chars (any case) or 44-char Base64.
+
+    Base64 must be the standard alphabet with its '=' and canonical (what every encoder
+    writes); URL-safe or unpadded digests are not hash-shaped. Surrounding whitespace is
+    ignored. Anything else is null.
+    """
+    value = expr.str.strip_chars()
+    from_b64 = value.str.decode("base64", strict=False).bin.encode("hex")
+    return (
+        pl.when(value.str.contains(_HEX64))
+        .then(value.str.to_lowercase())
+        .when(value.str.contains(_B64_DIGEST))
+        .then(from_b64)
+        .otherwise(_NULL_STR)
+    )
+
+
+def looks_hashed(expr: pl.Expr) -> pl.Expr:
+    """True where the value has the shape of an incoming hash (never null)."""
+    return parse_incoming_hash(expr).is_not_null()
+
+
+def load_key(value: str, *, name: str = "key") -> bytes:
+    """Key bytes from hex or Base64 of 16/24/32 bytes; valid hex of those lengths wins.
+
+    The error names `name` (the env variable), never the value.
+    """
+    return _decode_secret(value, KEY_SIZES, f"{name} must be hex or Base64 of 16, 24 or 32 bytes")
+
+
+def load_iv(value: str, *, name: str = "iv") -> bytes:
+    """A fixed AES-CBC IV from hex or Base64 of 16 bytes (legacy Campaign set-ups)."""
+    return _decode_secret(value, (_BLOCK,), f"{name} must be hex or Base64 of 16 bytes")
+
+
+def _decode_secret(value: str, sizes: Sequence[int], message: str) -> bytes:
+    text = value.strip()
+    if len(text) in {2 * size for size in sizes} and re.fullmatch(r"[0-9A-Fa-f]+", text):
+        return bytes.fromhex(text)
+    raw = _b64decode(text)
+    if raw is None or len(raw) not in sizes:
+        raise ConfigError(message)  # no `from`: the cause could echo the secret
+    return raw
+
+
+def _b64decode(text: str) -> bytes | None:
+    """Standard or URL-safe Base64, padding optional; None if it is not Base64."""
+    text = text.strip().translate(_TO_STANDARD_B64)
+    if not text.endswith("="):
+        if len(text) % 4 == 1:
+            return None
+        text += "=" * (-len(text) % 4)
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+
+
+def _decryptor(algorithm: str, key: bytes, iv: bytes | None) -> Callable[[bytes], bytes | None]:
+    """Checks key, IV and algorithm once; returns a function raw -> plaintext | None."""
+    if algorithm not in ALGORITHMS:
+        raise ConfigError(f"decryption {algorithm!r} must be one of {', '.join(ALGORITHMS)}")
+    if len(key) not in KEY_SIZES:
+        raise ConfigError("decryption key must be 16, 24 or 32 bytes")
+    if iv is not None and (algorithm != "aes-cbc" or len(iv) != _BLOCK):
+        raise ConfigError("a fixed IV applies to aes-cbc only and must be 16 bytes")
+    if algorithm == "aes-gcm":
+        aead = AESGCM(key)
+
+        def gcm(raw: bytes) -> bytes | None:
+            if len(raw) < _GCM_NONCE + _GCM_TAG:
+                return None
+            try:
+                return aead.decrypt(raw[:_GCM_NONCE], raw[_GCM_NONCE:], None)
+            except InvalidTag:
+                return None
+
+        return gcm
+    aes = algorithms.AES(key)
+
+    def cbc(raw: bytes) -> bytes | None:
+        block_iv, body = (iv, raw) if iv is not None else (raw[:_BLOCK], raw[_BLOCK:])
+        if not body or len(body) % _BLOCK:
+            return None
+        decryptor = Cipher(aes, modes.CBC(block_iv)).decryptor()
+        padded = decryptor.update(body) + decryptor.finalize()
+        pad = padded[-1]
+        if not 1 <= pad <= _BLOCK or padded[-pad:] != bytes([pad]) * pad:
+            return None
+        return padded[:-pad]
+
+    return cbc
+
+
+def decrypt_values(
+    values: Sequence[str | None] | pl.Series, algorithm: str, key: bytes, iv: bytes | None = None
+) -> pl.Series:
+    """Decrypt Base64 tokens (SPEC §3 formats) to UTF-8 strings, once per distinct value.
+
+    Null where a token is null, is not Base64, fails to authenticate or unpad, or is not
+    UTF-8. Raises ConfigError for an unknown algorithm or a bad key/IV length.
+    """
+    decrypt = _decryptor(algorithm, key, iv)
+
+    def one(token: str | None) -> str | None:
+        raw = _b64decode(token) if token else None
+        plain = decrypt(raw) if raw else None
+        try:
+            return plain.decode("utf-8") if plain is not None else None
+        except UnicodeDecodeError:
+            return None
+
+    series = values if isinstance(values, pl.Series) else pl.Series("", values, dtype=pl.String)
+    return _map_unique(series.cast(pl.String), one)
+
+
+def decrypt_expr(expr: pl.Expr, algorithm: str, key: bytes, iv: bytes | None = None) -> pl.Expr:
+    """`decrypt_values` as an expression; key, IV and algorithm are checked right away."""
+    _decryptor(algorithm, key, iv)
+    return expr.map_batches(
+        lambda batch: decrypt_values(batch, algorithm, key, iv),
+        return_dtype=pl.String,
+        is_elementwise=True,
+    )
+
+
+def encrypt_value(
+    plain: str,
+    algorithm: str,
+    key: bytes,
+    iv: bytes | None = None,
+    nonce: bytes | None = None,
+) -> str:
+    """Standard Base64 token that `decrypt_values` reads (tests, generator, demo).
+
+    `nonce` is the per-token random part: the GCM nonce (12 bytes) or the CBC IV written as a
+    prefix (16 bytes); random when omitted. `iv` is the fixed CBC IV: no prefix is written.
+    """
+    _decryptor(algorithm, key, iv)  # same checks as decryption
+    data = plain.encode("utf-8")
+    if algorithm == "aes-gcm":
+        nonce = nonce if nonce is not None else os.urandom(_GCM_NONCE)
+        return base64.b64encode(nonce + AESGCM(key).encrypt(nonce, data, None)).decode("ascii")
+    if iv is not None and nonce is not None:
+        raise ConfigError("aes-cbc takes a fixed iv or a per-token nonce, not both")
+    block_iv = iv if iv is not None else (nonce if nonce is not None else os.urandom(_BLOCK))
+    pad = _BLOCK - len(data) % _BLOCK
+    encryptor = Cipher(algorithms.AES(key), modes.CBC(block_iv)).encryptor()
+    body = encryptor.update(data + bytes([pad]) * pad) + encryptor.finalize()
+    return base64.b64encode(body if iv is not None else block_iv + body).decode("ascii")
+
+
+def _map_unique(series: pl.Series, func: Callable[..., str | None]) -> pl.Series:
+    """Apply `func` once per distinct value (struct fields become its arguments)."""
+    uniques = series.unique()
+    if series.dtype == pl.Struct:
+        results = [func(*row) for row in uniques.struct.unnest().iter_rows()]
+    else:
+        results = [func(value) for value in uniques.to_list()]
+    mapped = pl.Series(results, dtype=pl.String)
+    return series.replace_strict(uniques, mapped, default=None, return_dtype=pl.String)

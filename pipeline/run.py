@@ -1,0 +1,212 @@
+"""Run: wire stores, stages, ledger and report together for `run` and `backfill`."""
+
+from __future__ import annotations
+
+import io
+import logging
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+
+import polars as pl
+
+from pipeline.config import Config, DestinationConfig, FeedConfig
+from pipeline.errors import (
+    DeliveryFailed,
+    FatalError,
+    IncompleteDelivery,
+    PipelineError,
+    TransientError,
+)
+from pipeline.ledger import Ledger, LedgerEntry
+from pipeline.report import DeliveryReport, RunReport
+from pipeline.snapshot import Snapshots, make_workdir
+from pipeline.stages import join, publish, resolve
+from pipeline.stages.ingest import Delivery, entry_md5s, find_deliveries, read_delivery
+from pipeline.stores import Store, open_store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    command: str = "run"
+    day: date | None = None  # only deliveries of this date
+    date_from: date | None = None  # backfill range (inclusive)
+    date_to: date | None = None
+    force: bool = False
+    full: bool = False
+    dry_run: bool = False
+
+
+@dataclass
+class Context:
+    config: Config
+    options: RunOptions
+    run_id: str
+    state: Store
+    ledger: Ledger
+    snapshots: Snapshots
+    targets: dict[str, Store]
+
+
+def execute(config: Config, options: RunOptions, now: datetime | None = None,
+            on_delivery: Callable[[DeliveryReport], None] | None = None) -> RunReport:
+    """Process every selected delivery of every feed; never raises for a single delivery."""
+    now = now or datetime.now(UTC)
+    run_id = now.strftime("%Y%m%dT%H%M%S%fZ")
+    report = RunReport(run_id=run_id, command=options.command, dry_run=options.dry_run)
+    workdir = make_workdir()
+    stores: list[Store] = []
+    try:
+        state = _keep(stores, open_store(config.state.url, config.state.options))
+        snapshots = Snapshots(config.snapshot, config.default_country, workdir)
+        stores.append(snapshots)  # type: ignore[arg-type]  # has close()
+        targets = {d.name: _keep(stores, open_store(d.target.url, d.target.options))
+                   for d in config.destinations}
+        ctx = Context(config, options, run_id, state, Ledger(state), snapshots, targets)
+        for feed in config.feeds:
+            source = _keep(stores, open_store(feed.source.url, feed.source.options))
+            for delivery in _selected(find_deliveries(source, feed.name, feed.require_info),
+                                      options):
+                result = process(ctx, feed, source, delivery)
+                report.deliveries.append(result)
+                if on_delivery:
+                    on_delivery(result)
+        if not options.dry_run:
+            ctx.ledger.save_run(run_id, report.to_dict())
+    finally:
+        for store in stores:
+            _close(store)
+        shutil.rmtree(workdir, ignore_errors=True)
+    return report
+
+
+def _selected(deliveries: list[Delivery], options: RunOptions) -> list[Delivery]:
+    def keep(d: Delivery) -> bool:
+        if options.day and d.date != options.day:
+            return False
+        if options.date_from and (d.date is None or d.date < options.date_from):
+            return False
+        return not (options.date_to and (d.date is None or d.date > options.date_to))
+
+    return [d for d in deliveries if keep(d)]
+
+
+def process(ctx: Context, feed: FeedConfig, source: Store, delivery: Delivery) -> DeliveryReport:
+    rep = DeliveryReport(feed=feed.name, delivery=delivery.root,
+                         date=delivery.date.isoformat() if delivery.date else None)
+    previous = ctx.ledger.get(feed.name, delivery.root)
+    if not delivery.complete:
+        rep.status, rep.reason = "incomplete", delivery.problem
+        if not ctx.options.dry_run and (previous is None or previous.status != "processed"):
+            _record(ctx, rep, delivery)
+        return rep
+    if previous and previous.status == "processed" and not _reprocess(ctx):
+        rep.status = "skipped"
+        if previous.files != entry_md5s(delivery):
+            rep.reason = "files changed since processed; rerun with --force to reprocess"
+            log.warning("feed=%s delivery=%s changed_after_processing", feed.name, delivery.root)
+        return rep
+    try:
+        _process_complete(ctx, feed, source, delivery, rep)
+    except (IncompleteDelivery, DeliveryFailed, TransientError) as exc:
+        rep.status = "incomplete" if isinstance(exc, IncompleteDelivery) else "failed"
+        rep.reason = str(exc)
+        log.error("feed=%s delivery=%s status=%s reason=%s", feed.name, delivery.root,
+                  rep.status, exc)
+    if not ctx.options.dry_run:
+        _record(ctx, rep, delivery)
+    return rep
+
+
+def _reprocess(ctx: Context) -> bool:
+    return ctx.options.force or ctx.options.command == "backfill"
+
+
+def _process_complete(ctx: Context, feed: FeedConfig, source: Store, delivery: Delivery,
+                      rep: DeliveryReport) -> None:
+    lines = read_delivery(source, delivery)
+    parsed = resolve.parse(lines.lazy())
+    resolved = resolve.resolve(parsed, feed, ctx.config.default_country).collect()
+    rep.records_received = resolved.height
+    for name, value in resolve.count_rejects(resolved).items():
+        setattr(rep, name, value)
+    if rep.rejected:
+        _quarantine(ctx, feed, delivery, resolved)
+    _, profiles = ctx.snapshots.profiles(delivery.date)
+    keys = join.profile_keys(profiles.lazy(), feed.kinds)
+    joined = join.match(resolved.lazy(), keys).collect()
+    for name, value in join.count_matches(joined).items():
+        setattr(rep, name, value)
+    ratio = rep.rejected / rep.records_received if rep.records_received else 0.0
+    if ratio > feed.max_reject_ratio:
+        raise DeliveryFailed(f"reject ratio {ratio:.4f} exceeds max_reject_ratio "
+                             f"{feed.max_reject_ratio} ({rep.rejected} of {rep.records_received} "
+                             "records rejected; see quarantine)")
+    audience = join.audience(joined.lazy()).collect()
+    key = publish.DeliveryKey(feed.name, delivery.root,
+                              publish.timestamp_seconds(delivery.timestamp_ms, rep.date))
+    for dest in ctx.config.destinations:
+        out = _build(dest, audience, joined, profiles, key)
+        rep.rows_written[dest.name] = out.rows
+        if out.unmapped_segments:
+            rep.unmapped_segments[dest.name] = out.unmapped_segments
+        if ctx.options.dry_run:
+            rep.outputs += [f"{dest.name}:{p}" for p, _ in out.files]
+        else:
+            written = publish.write_outputs(ctx.targets[dest.name], dest, key, out)
+            rep.outputs += [f"{dest.name}:{p}" for p in written]
+    rep.status = "dry_run" if ctx.options.dry_run else "processed"
+    log.info("feed=%s delivery=%s status=%s received=%d matched=%d rejected=%d",
+             feed.name, delivery.root, rep.status, rep.records_received, rep.matched,
+             rep.rejected)
+
+
+def _build(dest: DestinationConfig, audience: pl.DataFrame, joined: pl.DataFrame,
+           profiles: pl.DataFrame, key: publish.DeliveryKey) -> publish.Output:
+    if dest.kind == "campaign_list":
+        return publish.campaign_list(audience, dest, key)
+    if dest.kind == "aam_inbound":
+        return publish.aam_inbound(audience, profiles, dest, key)
+    return publish.contacts(join.unmatched_contacts(joined.lazy()).collect(), dest, key)
+
+
+def _quarantine(ctx: Context, feed: FeedConfig, delivery: Delivery, resolved: pl.DataFrame) -> None:
+    """Rejected lines with file, line number and reason (raw lines stay in the state store)."""
+    if ctx.options.dry_run:
+        return
+    names = pl.DataFrame({
+        "file_seq": pl.Series(range(1, len(delivery.files) + 1), dtype=pl.UInt32),
+        "file": [f.name.path for f in delivery.files],
+    })
+    rejected = (resolved.filter(pl.col("reject").is_not_null())
+                .join(names, on="file_seq", how="left")
+                .select("file", "line_no", reason="reject", line="line"))
+    buf = io.BytesIO()
+    rejected.write_csv(buf)
+    ctx.state.write_bytes(f"quarantine/{feed.name}/{delivery.root}.csv", buf.getvalue())
+
+
+def _record(ctx: Context, rep: DeliveryReport, delivery: Delivery) -> None:
+    ctx.ledger.put(LedgerEntry(
+        feed=rep.feed, delivery=rep.delivery, status=rep.status,
+        files=entry_md5s(delivery), counts=rep.counts(), outputs=rep.outputs,
+        run_id=ctx.run_id, reason=rep.reason, date=rep.date,
+    ))
+
+
+def _keep(stores: list, store: Store) -> Store:
+    stores.append(store)
+    return store
+
+
+def _close(store) -> None:
+    try:
+        store.close()
+    except (PipelineError, OSError):
+        log.debug("close failed", exc_info=True)
+
+
+__all__ = ["RunOptions", "execute", "FatalError"]

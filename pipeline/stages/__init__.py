@@ -1,0 +1,1 @@
+"""Pipeline stages: ingest -> resolve -> join -> publish."""

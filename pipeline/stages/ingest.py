@@ -1,0 +1,165 @@
+"""Ingest: find complete AAM deliveries on a feed store and read their lines."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import logging
+import posixpath
+import zlib
+from dataclasses import dataclass
+from datetime import date
+
+import polars as pl
+
+from pipeline.errors import DeliveryFailed, IncompleteDelivery
+from pipeline.formats import (
+    InfoEntry,
+    InfoFile,
+    OutboundName,
+    group_deliveries,
+    info_name,
+    parse_info,
+    parse_outbound_name,
+)
+from pipeline.stores import Entry, Store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DeliveryFile:
+    name: OutboundName
+    size: int
+    expected: InfoEntry | None = None
+
+
+@dataclass(frozen=True)
+class Delivery:
+    feed: str
+    root: str
+    folder: str
+    files: tuple[DeliveryFile, ...]
+    info: InfoFile | None
+    problem: str | None = None  # why the delivery is not complete yet
+
+    @property
+    def complete(self) -> bool:
+        return self.problem is None
+
+    @property
+    def timestamp_ms(self) -> int | None:
+        return self.files[0].name.timestamp_ms if self.files else _root_timestamp(self.root)
+
+    @property
+    def date(self) -> date | None:
+        return self.files[0].name.delivery_date if self.files else None
+
+    @property
+    def sort_key(self) -> tuple:
+        day = self.date.isoformat() if self.date else ""
+        return (day, self.timestamp_ms or 0, self.root)
+
+
+def find_deliveries(store: Store, feed: str, require_info: bool = True) -> list[Delivery]:
+    """Every delivery on the store, oldest first, each marked complete or not (with why)."""
+    entries = store.list("")
+    sizes = {e.path: e.size for e in entries}
+    names = [n for n in (parse_outbound_name(e.path) for e in entries) if n is not None]
+    groups = group_deliveries(names)
+    for info_path in (e.path for e in entries if e.path.endswith(".info")):
+        folder, base = posixpath.split(info_path)
+        groups.setdefault((folder, base[: -len(".info")]), [])
+    out = [_delivery(store, feed, folder, root, files, sizes, require_info)
+           for (folder, root), files in groups.items()]
+    return sorted(out, key=lambda d: d.sort_key)
+
+
+def _delivery(store: Store, feed: str, folder: str, root: str, files: list[OutboundName],
+              sizes: dict[str, int], require_info: bool) -> Delivery:
+    info_path = posixpath.join(folder, info_name(root))
+    if info_path not in sizes:
+        listed = tuple(DeliveryFile(n, sizes[n.path]) for n in files)
+        problem = None if require_info is False and files else "control file missing"
+        return Delivery(feed, root, folder, listed, None, problem)
+    info = parse_info(store.read_bytes(info_path).decode("utf-8", errors="replace"))
+    by_base = {posixpath.basename(n.path): n for n in files}
+    listed, problem = [], None
+    for entry in sorted(info.files, key=lambda e: e.sequence):
+        name = by_base.get(posixpath.basename(entry.file_name))
+        if name is None:
+            problem = problem or f"file {entry.file_name} listed in control file is missing"
+            continue
+        if sizes[name.path] != entry.byte_size:
+            problem = problem or (f"file {entry.file_name} has {sizes[name.path]} bytes, "
+                                  f"control file says {entry.byte_size}")
+        listed.append(DeliveryFile(name, sizes[name.path], entry))
+    if not info.files:
+        problem = "control file lists no files"
+    return Delivery(feed, root, folder, tuple(listed), info, problem)
+
+
+def read_delivery(store: Store, delivery: Delivery) -> pl.DataFrame:
+    """All lines of a complete delivery: file_seq, line_no, line (blank lines kept)."""
+    frames = [read_file(store, f, seq) for seq, f in enumerate(delivery.files, start=1)]
+    return pl.concat(frames) if frames else _lines_frame([], 0)
+
+
+def read_file(store: Store, file: DeliveryFile, seq: int) -> pl.DataFrame:
+    raw = store.read_bytes(file.name.path)
+    base = posixpath.basename(file.name.path)
+    expected = file.expected
+    if len(raw) != file.size:
+        raise IncompleteDelivery(f"{base}: size changed while reading")
+    if expected and expected.md5 and hashlib.md5(raw).hexdigest() != expected.md5:  # noqa: S324
+        raise IncompleteDelivery(f"{base}: md5 does not match the control file")
+    data = _gunzip(raw, base) if file.name.gzip else raw
+    text, bad_utf8 = _decode(data)
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()  # final line end
+    if expected and expected.line_count is not None and len(lines) != expected.line_count:
+        raise IncompleteDelivery(
+            f"{base}: {len(lines)} lines, control file says {expected.line_count}")
+    if bad_utf8:
+        log.warning("file=%s bad_utf8_lines_present", base)
+    return _lines_frame(lines, seq)
+
+
+def _lines_frame(lines: list[str], seq: int) -> pl.DataFrame:
+    return pl.DataFrame({"line": pl.Series(lines, dtype=pl.String)}).with_columns(
+        file_seq=pl.lit(seq, dtype=pl.UInt32),
+        line_no=pl.int_range(1, pl.len() + 1, dtype=pl.UInt32),
+    ).select("file_seq", "line_no", "line")
+
+
+def _gunzip(raw: bytes, base: str) -> bytes:
+    try:
+        return gzip.decompress(raw)
+    except (EOFError, OSError, zlib.error) as exc:
+        raise DeliveryFailed(f"{base}: corrupt or truncated gzip ({type(exc).__name__})") from None
+
+
+def _decode(data: bytes) -> tuple[str, bool]:
+    """Strict UTF-8 fast path; bad bytes become U+FFFD so the line is flagged, not lost."""
+    try:
+        return data.decode("utf-8"), False
+    except UnicodeDecodeError:
+        return data.decode("utf-8", errors="replace"), True
+
+
+def _root_timestamp(root: str) -> int | None:
+    name = parse_outbound_name(root + ".sync")
+    return name.timestamp_ms if name else None
+
+
+def entry_md5s(delivery: Delivery) -> dict[str, str]:
+    """Identity of a delivery's files for the ledger: md5 from the control file, else size."""
+    out = {}
+    for f in delivery.files:
+        base = posixpath.basename(f.name.path)
+        out[base] = (f.expected.md5 if f.expected and f.expected.md5 else f"size:{f.size}")
+    return out
+
+
+__all__ = ["Delivery", "DeliveryFile", "Entry", "find_deliveries", "read_delivery", "entry_md5s"]

@@ -1,0 +1,110 @@
+"""Join: match resolved keys to profiles, apply governance, merge segments per profile.
+
+Pure frame -> frame and free of global state, so it can run per key-hash bucket.
+"""
+
+from __future__ import annotations
+
+import polars as pl
+
+from pipeline import identity
+
+KEY_KINDS = ("ecid", "email", "phone", "crm")
+_SOURCE = {"ecid": "ecid", "email": "email", "phone": "phone", "crm": "crm_id"}
+
+
+def profile_table(snapshot: pl.LazyFrame, default_country: str | None) -> pl.LazyFrame:
+    """Snapshot -> one row per profile with a hashed key per kind and a suppressed flag."""
+    names = snapshot.collect_schema().names()
+
+    def col(name: str, dtype=pl.String) -> pl.Expr:
+        return pl.col(name).cast(dtype) if name in names else pl.lit(None, dtype)
+
+    def flag(name: str) -> pl.Expr:
+        return col(name, pl.Boolean).fill_null(False)
+
+    country = col("country").str.strip_chars().str.to_uppercase()
+    if default_country:
+        country = country.fill_null(default_country)
+    return snapshot.select(
+        profile_id=col("profile_id"),
+        suppressed=flag("opt_out") | flag("blacklisted"),
+        ecid=identity.normalize("ecid", col("ecid")),
+        crm_id=identity.normalize("crm", col("crm_id")),
+        email_key=identity.sha256_hex(identity.normalize("email", col("email"))),
+        phone_key=identity.sha256_hex(identity.normalize("phone", col("phone"), country)),
+    ).with_columns(
+        ecid_key=identity.sha256_hex(pl.col("ecid")),
+        crm_key=identity.sha256_hex(pl.col("crm_id")),
+    )
+
+
+def profile_keys(profiles: pl.LazyFrame, kinds: tuple[str, ...]) -> pl.LazyFrame:
+    """(key, matched_on, profile_id, suppressed), one row per key.
+
+    Two profiles sharing a key (same email twice) resolve to the smallest profile_id, so the
+    choice is deterministic across runs.
+    """
+    parts = [
+        profiles.select(
+            key=pl.col(f"{kind}_key"), matched_on=pl.lit(kind), profile_id="profile_id",
+            suppressed="suppressed",
+        ).filter(pl.col("key").is_not_null())
+        for kind in kinds
+    ]
+    return (
+        pl.concat(parts)
+        .sort("profile_id", "matched_on")
+        .unique(subset="key", keep="first", maintain_order=True)
+    )
+
+
+def match(resolved: pl.LazyFrame, keys: pl.LazyFrame) -> pl.LazyFrame:
+    """Left-join resolved rows to profile keys; rejected rows pass through unmatched."""
+    return resolved.join(keys, on="key", how="left", validate="m:1")
+
+
+def count_matches(joined: pl.DataFrame) -> dict[str, int]:
+    ok = pl.col("reject").is_null()
+    found = pl.col("profile_id").is_not_null()
+    row = joined.select(
+        matched=(ok & found).sum(),
+        unmatched=(ok & ~found).sum(),
+        suppressed=(ok & found & pl.col("suppressed")).sum(),
+    ).row(0, named=True)
+    return {k: int(v or 0) for k, v in row.items()}
+
+
+def audience(joined: pl.LazyFrame) -> pl.LazyFrame:
+    """Matched, non-suppressed rows -> (profile_id, segment_id, action, matched_on).
+
+    A segment both added and removed for a profile: the later line (file_seq, line_no) wins;
+    within one line the removal wins.
+    """
+    rows = joined.filter(pl.col("profile_id").is_not_null() & ~pl.col("suppressed"))
+    cols = ["profile_id", "matched_on", "file_seq", "line_no"]
+    added = rows.select(*cols, segment_id=pl.col("added"), action=pl.lit("add"), rank=pl.lit(0))
+    removed = rows.select(*cols, segment_id=pl.col("removed"), action=pl.lit("remove"),
+                          rank=pl.lit(1))
+    return (
+        pl.concat([added, removed])
+        .explode("segment_id")
+        .filter(pl.col("segment_id").is_not_null())
+        .sort("profile_id", "segment_id", "file_seq", "line_no", "rank")
+        .group_by("profile_id", "segment_id", maintain_order=True)
+        .agg(pl.col("action").last(), pl.col("matched_on").last())
+        .select("profile_id", pl.col("segment_id").cast(pl.UInt32), "action", "matched_on")
+    )
+
+
+def unmatched_contacts(joined: pl.LazyFrame) -> pl.LazyFrame:
+    """Decrypted addresses of IDs with no profile, with their merged segments (PII)."""
+    rows = joined.filter(pl.col("reject").is_null() & pl.col("profile_id").is_null()
+                         & pl.col("contact").is_not_null())
+    return (
+        rows.with_columns(profile_id=pl.col("contact"), matched_on=pl.lit("contact"),
+                          suppressed=pl.lit(False))
+        .pipe(audience)
+        .rename({"profile_id": "contact"})
+        .drop("matched_on")
+    )

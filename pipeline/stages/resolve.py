@@ -1,0 +1,90 @@
+"""Resolve: parse segment lines and turn each user ID into a hashed key, or a reject reason.
+
+Pure frame -> frame; works on any subset of rows (one file, one key bucket).
+"""
+
+from __future__ import annotations
+
+import polars as pl
+
+from pipeline import identity
+from pipeline.config import FeedConfig
+from pipeline.formats import parse_lines
+
+REJECT_REASONS = ("format_error", "invalid_id", "decrypt_failure")
+BAD_UTF8 = "\ufffd"
+
+
+def parse(lines: pl.LazyFrame) -> pl.LazyFrame:
+    """Segment lines -> user_id/added/removed/format_error; blank lines dropped."""
+    parsed = parse_lines(lines)
+    bad_utf8 = pl.col("line").str.contains(BAD_UTF8, literal=True)
+    return parsed.with_columns(
+        format_error=pl.when(bad_utf8).then(pl.lit("bad_utf8")).otherwise(pl.col("format_error"))
+    )
+
+
+def resolve(parsed: pl.LazyFrame, feed: FeedConfig, default_country: str | None) -> pl.LazyFrame:
+    """Add `key` (SHA-256 hex), `contact` (decrypted address) and `reject` (reason or null)."""
+    country = feed.default_country or default_country
+    user_id = pl.col("user_id")
+    ok_format = pl.col("format_error").is_null()
+    frame = parsed.with_columns(_decrypted=pl.lit(None, pl.String))
+    if feed.id_type == "declared" and feed.id_encoding in ("encrypted", "auto"):
+        # Materialized once: the UDF must not run again in every branch that reads it.
+        frame = frame.with_columns(_decrypted=pl.when(ok_format).then(
+            identity.decrypt_expr(user_id, feed.decryption, feed.key, feed.iv)))
+    key, contact = _key_and_contact(feed, user_id, pl.col("_decrypted"), country)
+    decrypt_failed = (
+        pl.col("_decrypted").is_null() if feed.id_encoding == "encrypted" else pl.lit(False)
+    )
+    reject = (
+        pl.when(~ok_format).then(pl.col("format_error"))
+        .when(decrypt_failed).then(pl.lit("decrypt_failure"))
+        .when(pl.col("key").is_null()).then(pl.lit("invalid_id"))
+        .otherwise(pl.lit(None, pl.String))
+    )
+    ok = pl.col("reject").is_null()
+    return (
+        frame.with_columns(key=pl.when(ok_format).then(key), contact=contact)
+        .with_columns(reject=reject)
+        .with_columns(key=pl.when(ok).then(pl.col("key")),
+                      contact=pl.when(ok).then(pl.col("contact")))
+        .drop("_decrypted")
+    )
+
+
+def _key_and_contact(feed: FeedConfig, user_id: pl.Expr, decrypted: pl.Expr,
+                     country: str | None) -> tuple[pl.Expr, pl.Expr]:
+    """Key and contact expressions for the feed's ID type and encoding."""
+    no_contact = pl.lit(None, pl.String)
+    if feed.id_type == "ecid":
+        return identity.sha256_hex(identity.normalize("ecid", user_id)), no_contact
+    kind, encoding = feed.id_kind, feed.id_encoding
+    if encoding == "plain":
+        return identity.sha256_hex(identity.normalize(kind, user_id, country)), no_contact
+    if encoding == "sha256":
+        return identity.parse_incoming_hash(user_id), no_contact
+    normalized_dec = identity.normalize(kind, decrypted, country)
+    if encoding == "encrypted":
+        return identity.sha256_hex(normalized_dec), normalized_dec
+    # auto, per row: hash shape -> hashed; else decrypts -> encrypted; else plain.
+    hashed = identity.looks_hashed(user_id)
+    key = (
+        pl.when(hashed).then(identity.parse_incoming_hash(user_id))
+        .when(decrypted.is_not_null()).then(identity.sha256_hex(normalized_dec))
+        .otherwise(identity.sha256_hex(identity.normalize(kind, user_id, country)))
+    )
+    return key, pl.when(~hashed & decrypted.is_not_null()).then(normalized_dec)
+
+
+def count_rejects(resolved: pl.DataFrame) -> dict[str, int]:
+    """Counts per report bucket (format_errors, invalid_ids, decrypt_failures)."""
+    reason = pl.col("reject")
+    row = resolved.select(
+        format_errors=(reason.is_not_null() & ~reason.is_in(["invalid_id", "decrypt_failure"]))
+        .sum(),
+        invalid_ids=(reason == "invalid_id").sum(),
+        decrypt_failures=(reason == "decrypt_failure").sum(),
+    ).row(0, named=True)
+    return {k: int(v or 0) for k, v in row.items()}

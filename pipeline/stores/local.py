@@ -1,0 +1,104 @@
+"""Local file system store: temp file in the same folder, fsync, then os.replace."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import BinaryIO
+from urllib.parse import unquote, urlsplit
+
+from pipeline.stores import Entry, StoreOptions
+
+
+def _is_temp(name: str) -> bool:
+    return name.endswith(".part") or name.startswith(".")
+
+
+class LocalStore:
+    def __init__(self, url: str, options: StoreOptions | None = None) -> None:
+        self.url = url
+        path = unquote(urlsplit(url).path) if url.startswith("file://") else url
+        self.root = Path(path).expanduser().absolute()
+
+    def _path(self, path: str) -> Path:
+        return self.root / path.lstrip("/")
+
+    def list(self, prefix: str = "") -> list[Entry]:
+        """Files whose relative path starts with prefix (as on S3), temp files skipped."""
+        base = prefix.rpartition("/")[0]
+        entries: list[Entry] = []
+        for folder, dirs, files in os.walk(self._path(base)):
+            rel = Path(folder).relative_to(self.root).as_posix()
+            rel = "" if rel == "." else rel + "/"
+            # Only descend where a path can still start with prefix.
+            dirs[:] = [d for d in dirs if _may_match(rel + d + "/", prefix)]
+            for name in files:
+                path = rel + name
+                if path.startswith(prefix) and not _is_temp(name):
+                    entries.append(Entry(path, (Path(folder) / name).stat().st_size))
+        return sorted(entries, key=lambda e: e.path)
+
+    def open_read(self, path: str) -> BinaryIO:
+        return self._path(path).open("rb")
+
+    def read_bytes(self, path: str) -> bytes:
+        return self._path(path).read_bytes()
+
+    def exists(self, path: str) -> bool:
+        return self._path(path).is_file()
+
+    def write_bytes(self, path: str, data: bytes) -> None:
+        self._atomic_write(path, lambda out: out.write(data))
+
+    def put_file(self, local_path: str, path: str) -> None:
+        def copy(out: BinaryIO) -> None:
+            with open(local_path, "rb") as src:
+                shutil.copyfileobj(src, out, 1 << 20)
+
+        self._atomic_write(path, copy)
+
+    def rename(self, src: str, dst: str) -> None:
+        target = self._path(dst)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(self._path(src), target)
+        _fsync_dir(target.parent)
+
+    def delete(self, path: str) -> None:
+        self._path(path).unlink(missing_ok=True)
+
+    def close(self) -> None:
+        pass
+
+    def _atomic_write(self, path: str, write: Callable[[BinaryIO], object]) -> None:
+        target = self._path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        temp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.part")
+        try:
+            with temp.open("xb") as out:
+                write(out)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(temp, target)
+        except BaseException:
+            temp.unlink(missing_ok=True)
+            raise
+        _fsync_dir(target.parent)
+
+
+def _may_match(folder: str, prefix: str) -> bool:
+    return folder.startswith(prefix) or prefix.startswith(folder)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the rename itself durable (POSIX; a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
