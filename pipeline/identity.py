@@ -33,7 +33,6 @@ _ECID = r"^[0-9]{38}$"  # [0-9], not \d: \d would also accept non-ASCII digits
 _HEX64 = r"^[0-9A-Fa-f]{64}$"
 _B64_DIGEST = r"^[A-Za-z0-9+/]{43}=$"  # the only standard Base64 shape of 32 bytes
 _GCM_NONCE, _GCM_TAG, _BLOCK = 12, 16, 16
-_TO_STANDARD_B64 = str.maketrans("-_", "+/")
 
 
 def sha256_hex(expr: pl.Expr) -> pl.Expr:
@@ -82,8 +81,12 @@ def normalize_phone(expr: pl.Expr, default_country: pl.Expr | str | None) -> pl.
     # The struct is named after its first field, so the result keeps the input's name.
     pairs = pl.struct(expr.str.strip_chars(), country.alias("__default_region__"))
     return pairs.map_batches(
-        lambda batch: _map_unique(batch, _e164), return_dtype=pl.String, is_elementwise=True
+        lambda batch: _map_unique(batch, _e164_all), return_dtype=pl.String, is_elementwise=True
     )
+
+
+def _e164_all(pairs: pl.Series) -> list[str | None]:
+    return [_e164(number, region) for number, region in pairs.struct.unnest().iter_rows()]
 
 
 def _e164(number: str | None, region: str | None) -> str | None:
@@ -156,7 +159,7 @@ def _decode_secret(value: str, sizes: Sequence[int], message: str) -> bytes:
 
 def _b64decode(text: str) -> bytes | None:
     """Standard or URL-safe Base64, padding optional; None if it is not Base64."""
-    text = text.strip().translate(_TO_STANDARD_B64)
+    text = text.strip().replace("-", "+").replace("_", "/")
     if not text.endswith("="):
         if len(text) % 4 == 1:
             return None
@@ -213,16 +216,26 @@ def decrypt_values(
     """
     decrypt = _decryptor(algorithm, key, iv)
 
-    def one(token: str | None) -> str | None:
-        raw = _b64decode(token) if token else None
-        plain = decrypt(raw) if raw else None
-        try:
-            return plain.decode("utf-8") if plain is not None else None
-        except UnicodeDecodeError:
-            return None
+    def decrypt_all(tokens: pl.Series) -> list[str | None]:
+        return [_utf8(decrypt(raw)) if raw else None for raw in _b64_bytes(tokens).to_list()]
 
     series = values if isinstance(values, pl.Series) else pl.Series("", values, dtype=pl.String)
-    return _map_unique(series.cast(pl.String), one)
+    return _map_unique(series.cast(pl.String), decrypt_all)
+
+
+def _b64_bytes(tokens: pl.Series) -> pl.Series:
+    """Vectorized `_b64decode`, except that non-canonical trailing bits are refused too."""
+    text = tokens.str.strip_chars().str.replace_all("-", "+", literal=True)
+    text = text.str.replace_all("_", "/", literal=True)
+    padded = text.str.pad_end((text.str.len_chars() + 3) // 4 * 4, "=")
+    return padded.str.decode("base64", strict=False)
+
+
+def _utf8(plain: bytes | None) -> str | None:
+    try:
+        return plain.decode("utf-8") if plain is not None else None
+    except UnicodeDecodeError:
+        return None
 
 
 def decrypt_expr(expr: pl.Expr, algorithm: str, key: bytes, iv: bytes | None = None) -> pl.Expr:
@@ -261,12 +274,8 @@ def encrypt_value(
     return base64.b64encode(body if iv is not None else block_iv + body).decode("ascii")
 
 
-def _map_unique(series: pl.Series, func: Callable[..., str | None]) -> pl.Series:
-    """Apply `func` once per distinct value (struct fields become its arguments)."""
+def _map_unique(series: pl.Series, func: Callable[[pl.Series], list[str | None]]) -> pl.Series:
+    """Run `func` on the distinct values of `series` only and spread its results to every row."""
     uniques = series.unique()
-    if series.dtype == pl.Struct:
-        results = [func(*row) for row in uniques.struct.unnest().iter_rows()]
-    else:
-        results = [func(value) for value in uniques.to_list()]
-    mapped = pl.Series(results, dtype=pl.String)
+    mapped = pl.Series(func(uniques), dtype=pl.String)
     return series.replace_strict(uniques, mapped, default=None, return_dtype=pl.String)

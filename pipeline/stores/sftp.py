@@ -21,6 +21,11 @@ log = logging.getLogger(__name__)
 TIMEOUT = 10  # seconds, for connect, banner and authentication
 
 
+def _is_temp(name: str) -> bool:
+    """Our `.part` uploads, and dot-files other uploaders use the same way."""
+    return name.endswith(".part") or name.startswith(".")
+
+
 class _RejectUnknownHost(paramiko.RejectPolicy):
     def __init__(self, address: str) -> None:
         self._address = address
@@ -59,27 +64,25 @@ class SftpStore:
             raise ConfigError(f"identity file {identity} not found")
         client.set_missing_host_key_policy(_RejectUnknownHost(self._address))
         try:
-            client.connect(
-                self._host, self._port, username=self._user,
-                key_filename=os.path.expanduser(identity) if identity else None,
-                allow_agent=not identity, look_for_keys=not identity,
-                timeout=TIMEOUT, banner_timeout=TIMEOUT, auth_timeout=TIMEOUT,
-            )
-        except PipelineError:
-            client.close()
-            raise
+            try:
+                client.connect(
+                    self._host, self._port, username=self._user,
+                    key_filename=os.path.expanduser(identity) if identity else None,
+                    allow_agent=not identity, look_for_keys=not identity,
+                    timeout=TIMEOUT, banner_timeout=TIMEOUT, auth_timeout=TIMEOUT,
+                )
+                self._sftp_client = client.open_sftp()
+            except BaseException:
+                client.close()
+                raise
         except paramiko.BadHostKeyException as exc:
-            client.close()
             raise FatalError(f"host key for {self._address} does not match known_hosts") from exc
         except paramiko.AuthenticationException as exc:
-            client.close()
             who = f"{self._user}@{self._address}"
             raise FatalError(f"SFTP authentication failed for {who}") from exc
         except (OSError, EOFError, paramiko.SSHException) as exc:
-            client.close()
             raise StoreUnavailable(f"SFTP server {self._address} unreachable") from exc
         self._client = client
-        self._sftp_client = client.open_sftp()
 
     @property
     def _sftp(self) -> paramiko.SFTPClient:
@@ -96,13 +99,11 @@ class SftpStore:
         return posixpath.join(self.root, path.lstrip("/"))
 
     def list(self, prefix: str = "") -> list[Entry]:
-        """Files whose relative path starts with prefix (as on S3), `.part` files skipped."""
-        entries: list[Entry] = []
+        """Files whose relative path starts with prefix (as on S3), temp files skipped."""
         with self._errors(prefix):
-            self._walk(prefix.rpartition("/")[0], prefix, entries)
-        return sorted(entries, key=lambda e: e.path)
+            return sorted(self._walk(prefix.rpartition("/")[0], prefix), key=lambda e: e.path)
 
-    def _walk(self, folder: str, prefix: str, entries: list[Entry]) -> None:
+    def _walk(self, folder: str, prefix: str) -> Iterator[Entry]:
         try:
             attrs = self._sftp.listdir_attr(self._full(folder))
         except FileNotFoundError:
@@ -111,9 +112,9 @@ class SftpStore:
             path = f"{folder}/{attr.filename}" if folder else attr.filename
             mode = attr.st_mode or 0
             if stat.S_ISDIR(mode) and (path.startswith(prefix) or prefix.startswith(path + "/")):
-                self._walk(path, prefix, entries)
-            elif stat.S_ISREG(mode) and path.startswith(prefix) and not path.endswith(".part"):
-                entries.append(Entry(path, attr.st_size or 0))
+                yield from self._walk(path, prefix)
+            elif stat.S_ISREG(mode) and path.startswith(prefix) and not _is_temp(attr.filename):
+                yield Entry(path, attr.st_size or 0)
 
     def open_read(self, path: str) -> BinaryIO:
         with self._errors(path):

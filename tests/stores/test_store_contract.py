@@ -5,7 +5,7 @@ import logging
 import os
 import socket
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import boto3
@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pipeline import servers
 from pipeline.errors import FatalError, StoreUnavailable
 from pipeline.stores import Entry, Store, StoreOptions, open_store
+from pipeline.stores.sftp import SftpStore
 
 BINARY = bytes(range(256)) * 4 + b"\r\n\x00 end"
 
@@ -51,7 +52,8 @@ def raw_names(store: Store) -> list[str]:
         bucket = store.url.removeprefix("s3://").split("/")[0]
         listing = boto3.client("s3").list_objects_v2(Bucket=bucket)
         return sorted(obj["Key"] for obj in listing.get("Contents", []))
-    root = Path(getattr(store, "root"))  # local and SFTP roots are folders of this machine
+    # Local and SFTP roots are folders of this machine (the SFTP server runs here).
+    root = Path(store.root)  # type: ignore[attr-defined]  # not part of the Store protocol
     return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
 
 
@@ -163,8 +165,7 @@ def test_list_skips_temp_files(
     (root / "d" / "x.sync").write_bytes(b"whole")
     (root / "d" / ".hidden").write_bytes(b"temp")
     store = open_store(url, options)
-    expected = [Entry("d/x.sync", 5)] if backend == "sftp" else [Entry("d/x.sync", 5)]
-    assert store.list() == expected
+    assert store.list() == [Entry("d/x.sync", 5)]
     store.close()
 
 
@@ -173,3 +174,132 @@ def test_local_store_accepts_file_urls(tmp_path: Path) -> None:
     store.write_bytes("a.txt", b"x")
     assert (tmp_path / "a.txt").read_bytes() == b"x"
     assert store.list() == [Entry("a.txt", 1)]
+
+
+# Errors are mapped at the boundary to one-line pipeline errors.
+
+
+def test_s3_unreachable_endpoint_is_store_unavailable(
+    s3_endpoint: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")  # bounded retries, kept short here
+    store = open_store("s3://bucket/prefix")
+    with pytest.raises(StoreUnavailable) as info:
+        store.list()
+    assert str(info.value).startswith("s3://bucket/prefix/: S3 endpoint unreachable")
+    assert "\n" not in str(info.value)
+    assert info.value.__cause__ is not None
+
+
+def test_s3_missing_bucket_is_fatal(s3_endpoint: str) -> None:
+    store = open_store("s3://no-such-bucket/x")
+    with pytest.raises(FatalError, match="bucket does not exist") as info:
+        store.write_bytes("a.txt", b"x")
+    assert "\n" not in str(info.value)
+
+
+def test_s3_server_side_encryption(make_bucket: Callable[[], str], tmp_path: Path) -> None:
+    bucket = make_bucket()
+    store = open_store(f"s3://{bucket}/p", StoreOptions(sse="AES256"))
+    store.write_bytes("a", b"x")
+    (tmp_path / "b").write_bytes(b"y")
+    store.put_file(str(tmp_path / "b"), "b")
+    store.rename("b", "c")
+    client = boto3.client("s3")
+    for key in ("p/a", "p/c"):
+        assert client.head_object(Bucket=bucket, Key=key)["ServerSideEncryption"] == "AES256"
+
+
+def test_sftp_fixture_is_openssh(sftp_server: servers.SftpServer) -> None:
+    with socket.create_connection((sftp_server.host, sftp_server.port)) as sock:
+        transport = paramiko.Transport(sock)
+        transport.start_client(timeout=10)
+        try:
+            assert "OpenSSH" in transport.remote_version
+        finally:
+            transport.close()
+    assert sftp_server.kind == "openssh"
+
+
+def test_sftp_unknown_host_is_fatal(sftp_server: servers.SftpServer, tmp_path: Path) -> None:
+    line = Path(sftp_server.known_hosts).read_text()
+    known_hosts = tmp_path / "known_hosts"
+    known_hosts.write_text(line.replace(f"]:{sftp_server.port} ", "]:2222 "))  # another host
+    options = StoreOptions(known_hosts=str(known_hosts), identity_file=sftp_server.identity_file)
+    with pytest.raises(FatalError) as info:
+        open_store(sftp_server.url, options)
+    address = f"{sftp_server.host}:{sftp_server.port}"
+    assert str(info.value) == f"host key for {address} not in known_hosts"
+
+
+def test_sftp_changed_host_key_is_fatal(sftp_server: servers.SftpServer, tmp_path: Path) -> None:
+    other = Ed25519PrivateKey.generate().public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+    )
+    known_hosts = tmp_path / "known_hosts"
+    known_hosts.write_text(f"[{sftp_server.host}]:{sftp_server.port} {other.decode()}\n")
+    options = StoreOptions(known_hosts=str(known_hosts), identity_file=sftp_server.identity_file)
+    with pytest.raises(FatalError, match="does not match known_hosts"):
+        open_store(sftp_server.url, options)
+
+
+def test_sftp_server_down_is_store_unavailable(sftp_server: servers.SftpServer) -> None:
+    url = f"sftp://{sftp_server.user}@127.0.0.1:{free_port()}/data"
+    with pytest.raises(StoreUnavailable) as info:
+        open_store(url, sftp_options(sftp_server))
+    assert "\n" not in str(info.value)
+
+
+def test_sftp_server_stopped_mid_run(tmp_path: Path) -> None:
+    with servers.sftp_server(tmp_path) as server:
+        store = open_store(f"{server.url}/out", sftp_options(server))
+        store.write_bytes("a", b"1")
+        server.stop()
+        with pytest.raises(StoreUnavailable) as info:
+            store.write_bytes("b", b"2")
+        assert "\n" not in str(info.value)
+        with pytest.raises(StoreUnavailable):
+            store.list()
+        server.start()
+        store.write_bytes("b", b"2")  # the store reconnects
+        assert [e.path for e in store.list()] == ["a", "b"]
+        store.close()
+
+
+def test_sftp_without_posix_rename_falls_back_and_says_so(
+    sftp_server: servers.SftpServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = SftpStore(f"{sftp_server.url}/{uuid.uuid4().hex}", sftp_options(sftp_server))
+
+    def unsupported(src: str, dst: str) -> None:
+        raise OSError("Operation unsupported")
+
+    store._sftp_client.posix_rename = unsupported  # a server without the extension
+    with caplog.at_level(logging.WARNING):
+        store.write_bytes("a", b"old")
+        store.write_bytes("a", b"new")
+    assert store.read_bytes("a") == b"new"
+    assert "lacks the posix-rename extension" in caplog.text
+    assert len(caplog.records) == 1  # said once per store
+    store.close()
+
+
+def test_paramiko_fallback_server_offers_the_same_handle(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(servers, "SSHD", str(tmp_path / "no-sshd"))
+    with servers.sftp_server(tmp_path / "root") as server:
+        assert server.kind == "paramiko"
+        store = open_store(f"{server.url}/x", sftp_options(server))
+        store.write_bytes("d/a", b"1")
+        store.write_bytes("d/a", b"2")
+        store.rename("d/a", "e/b")
+        assert store.list() == [Entry("e/b", 1)]
+        assert store.read_bytes("e/b") == b"2"
+        server.stop()
+        with pytest.raises(StoreUnavailable):
+            store.exists("e/b")
+        server.start()
+        assert store.exists("e/b")
+        store.close()

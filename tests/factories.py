@@ -1,0 +1,45 @@
+"""Test data builders: AAM deliveries, profile snapshots and config files."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+from pathlib import Path
+
+import polars as pl
+
+from pipeline.formats import InfoEntry, render_info
+from pipeline.stores import Store
+
+
+def delivery_files(root: str, splits: list[list[str]], gz: bool = True) -> dict[str, bytes]:
+    """Split files named like AAM's (`<root>-N.sync.gz`) plus `<root>.info`, as bytes."""
+    files: dict[str, bytes] = {}
+    entries = []
+    for n, lines in enumerate(splits, start=1):
+        text = "".join(line + "\n" for line in lines).encode()
+        data = gzip.compress(text, mtime=0) if gz else text
+        name = f"{root}-{n}.sync" + (".gz" if gz else "")
+        files[name] = data
+        entries.append(InfoEntry(name, len(data), len(lines), n, hashlib.md5(data).hexdigest()))
+    files[f"{root}.info"] = render_info(entries, root).encode()
+    return files
+
+
+def put_all(store: Store, files: dict[str, bytes], folder: str = "") -> None:
+    for name, data in files.items():
+        store.write_bytes(f"{folder}/{name}" if folder else name, data)
+
+
+def write_snapshot(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    schema = {"profile_id": pl.String, "email": pl.String, "phone": pl.String,
+              "country": pl.String, "ecid": pl.String, "crm_id": pl.String,
+              "opt_out": pl.Boolean, "blacklisted": pl.Boolean}
+    pl.DataFrame(rows, schema=schema).write_parquet(path)
+    return path
+
+
+def toml_config(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
