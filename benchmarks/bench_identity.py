@@ -49,8 +49,12 @@ def main() -> None:
     key, iv = os.urandom(32), os.urandom(16)
 
     emails = _column(rows, lambda i: f" User.{i}@Example.COM ")
-    phones = _column(rows, lambda i: f"06 {i // 10**6 % 100:02d} {i // 10**4 % 100:02d} "
-                                     f"{i // 100 % 100:02d} {i % 100:02d}")
+    phones = _column(
+        rows,
+        lambda i: (
+            f"06 {i // 10**6 % 100:02d} {i // 10**4 % 100:02d} {i // 100 % 100:02d} {i % 100:02d}"
+        ),
+    )
     hashes = sha256_hex(pl.col("v")).alias("v")
     hex_hashes = emails.to_frame().select(hashes)["v"]
     gcm = _column(rows, lambda i: encrypt_value(f"user.{i}@example.com", "aes-gcm", key))

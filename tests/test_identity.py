@@ -100,9 +100,33 @@ def test_normalize_keeps_column_name_and_nulls() -> None:
     }
 
 
+def test_non_string_and_empty_inputs() -> None:
+    frame = pl.DataFrame(
+        {"crm": [42, None], "country": ["FR", "US"], "none": [None, None]},
+        schema_overrides={"country": pl.Categorical},
+    )
+    out = frame.select(
+        normalize_crm(pl.col("crm")),
+        normalize_phone(pl.lit("0612345678"), pl.col("country")).alias("phone"),
+        normalize_email(pl.col("none")).alias("email"),
+        looks_hashed(pl.col("none")).alias("hashed"),
+    )
+    assert out.to_dict(as_series=False) == {
+        "crm": ["42", None],
+        "phone": ["+33612345678", None],
+        "email": [None, None],
+        "hashed": [False, False],
+    }
+    empty = frame.clear().select(normalize_phone(pl.col("crm").cast(pl.String), "FR"))
+    assert empty.schema == pl.Schema({"crm": pl.String}) and empty.height == 0
+
+
 def test_phone_region_per_row_null_region_needs_international_form() -> None:
-    out = _eval(normalize_phone(pl.col("v"), pl.col("c")), ["0612345678"] * 3 + ["+33612345678"],
-                c=["FR", "fr", None, None])
+    out = _eval(
+        normalize_phone(pl.col("v"), pl.col("c")),
+        ["0612345678"] * 3 + ["+33612345678"],
+        c=["FR", "fr", None, None],
+    )
     assert out == ["+33612345678", "+33612345678", None, "+33612345678"]
 
 
@@ -115,8 +139,13 @@ def test_unknown_kind_and_region_are_config_errors() -> None:
 
 def test_looks_hashed() -> None:
     digest = hashlib.sha256(b"x").digest()
-    values = [digest.hex().upper(), base64.b64encode(digest).decode(), "abc", None,
-              base64.b64encode(digest[:31]).decode()]
+    values = [
+        digest.hex().upper(),
+        base64.b64encode(digest).decode(),
+        "abc",
+        None,
+        base64.b64encode(digest[:31]).decode(),
+    ]
     assert _eval(looks_hashed(pl.col("v")), values) == [True, True, False, False, False]
 
 
@@ -247,6 +276,8 @@ def test_encrypt_value_matches_independent_implementation() -> None:
     assert decrypt_values([random_token], "aes-gcm", KEY).to_list() == ["alice@example.com"]
     with pytest.raises(ConfigError):
         encrypt_value("x", "aes-cbc", KEY, iv=IV, nonce=IV)
+    with pytest.raises(ConfigError, match="12 bytes"):
+        encrypt_value("x", "aes-gcm", KEY, nonce=IV)
 
 
 # --- key material ---------------------------------------------------------------------------

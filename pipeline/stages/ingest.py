@@ -42,10 +42,11 @@ class Delivery:
     files: tuple[DeliveryFile, ...]
     info: InfoFile | None
     problem: str | None = None  # why the delivery is not complete yet
+    broken: str | None = None  # why it cannot be processed as it is (bad control file)
 
     @property
     def complete(self) -> bool:
-        return self.problem is None
+        return self.problem is None and self.broken is None
 
     @property
     def timestamp_ms(self) -> int | None:
@@ -82,7 +83,11 @@ def _delivery(store: Store, feed: str, folder: str, root: str, files: list[Outbo
         listed = tuple(DeliveryFile(n, sizes[n.path]) for n in files)
         problem = None if require_info is False and files else "control file missing"
         return Delivery(feed, root, folder, listed, None, problem)
-    info = parse_info(store.read_bytes(info_path).decode("utf-8", errors="replace"))
+    try:
+        info = parse_info(store.read_bytes(info_path).decode("utf-8", errors="replace"))
+    except DeliveryFailed as exc:
+        listed = tuple(DeliveryFile(n, sizes[n.path]) for n in files)
+        return Delivery(feed, root, folder, listed, None, broken=f"{info_path}: {exc}")
     by_base = {posixpath.basename(n.path): n for n in files}
     listed, problem = [], None
     for entry in sorted(info.files, key=lambda e: e.sequence):
@@ -112,14 +117,14 @@ def read_file(store: Store, file: DeliveryFile, seq: int) -> pl.DataFrame:
     if len(raw) != file.size:
         raise IncompleteDelivery(f"{base}: size changed while reading")
     if expected and expected.md5 and hashlib.md5(raw).hexdigest() != expected.md5:  # noqa: S324
-        raise IncompleteDelivery(f"{base}: md5 does not match the control file")
+        raise DeliveryFailed(f"{base}: md5 does not match the control file")
     data = _gunzip(raw, base) if file.name.gzip else raw
     text, bad_utf8 = _decode(data)
     lines = text.split("\n")
     if lines and lines[-1] == "":
         lines.pop()  # final line end
     if expected and expected.line_count is not None and len(lines) != expected.line_count:
-        raise IncompleteDelivery(
+        raise DeliveryFailed(
             f"{base}: {len(lines)} lines, control file says {expected.line_count}")
     if bad_utf8:
         log.warning("file=%s bad_utf8_lines_present", base)

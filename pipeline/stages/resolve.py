@@ -68,14 +68,17 @@ def _key_and_contact(feed: FeedConfig, user_id: pl.Expr, decrypted: pl.Expr,
     normalized_dec = identity.normalize(kind, decrypted, country)
     if encoding == "encrypted":
         return identity.sha256_hex(normalized_dec), normalized_dec
-    # auto, per row: hash shape -> hashed; else decrypts -> encrypted; else plain.
-    hashed = identity.looks_hashed(user_id)
+    # auto, per row. A value that decrypts to a valid ID is encrypted even when it has a hash's
+    # shape: short AES-CBC tokens are exactly 44-char Base64 like a SHA-256, while a real hash
+    # never authenticates (GCM) nor decrypts to a valid address (CBC). Then hash shape ->
+    # hashed, else plain (SPEC §3).
+    decrypted_ok = normalized_dec.is_not_null()
     key = (
-        pl.when(hashed).then(identity.parse_incoming_hash(user_id))
-        .when(decrypted.is_not_null()).then(identity.sha256_hex(normalized_dec))
+        pl.when(decrypted_ok).then(identity.sha256_hex(normalized_dec))
+        .when(identity.looks_hashed(user_id)).then(identity.parse_incoming_hash(user_id))
         .otherwise(identity.sha256_hex(identity.normalize(kind, user_id, country)))
     )
-    return key, pl.when(~hashed & decrypted.is_not_null()).then(normalized_dec)
+    return key, pl.when(decrypted_ok).then(normalized_dec)
 
 
 def count_rejects(resolved: pl.DataFrame) -> dict[str, int]:

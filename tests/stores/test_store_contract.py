@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from pipeline import servers
-from pipeline.errors import FatalError, StoreUnavailable
+from pipeline.errors import ConfigError, FatalError, StoreUnavailable
 from pipeline.stores import Entry, Store, StoreOptions, open_store
 from pipeline.stores.sftp import SftpStore
 
@@ -303,3 +303,23 @@ def test_paramiko_fallback_server_offers_the_same_handle(
         server.start()
         assert store.exists("e/b")
         store.close()
+
+
+def test_sftp_bad_client_key_or_missing_files_are_refused(
+    sftp_server: servers.SftpServer, tmp_path: Path
+) -> None:
+    other_key = tmp_path / "other_key"
+    other_key.write_bytes(
+        Ed25519PrivateKey.generate().private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.OpenSSH,
+            serialization.NoEncryption(),
+        )
+    )
+    known = sftp_server.known_hosts
+    with pytest.raises(FatalError, match="authentication failed"):
+        open_store(sftp_server.url, StoreOptions(known, str(other_key)))
+    with pytest.raises(ConfigError, match="identity file"):
+        open_store(sftp_server.url, StoreOptions(known, str(tmp_path / "missing")))
+    with pytest.raises(ConfigError, match="known_hosts"):
+        open_store(sftp_server.url, StoreOptions(str(tmp_path / "missing"), str(other_key)))

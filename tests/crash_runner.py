@@ -1,0 +1,65 @@
+"""Runs the CLI in a subprocess and SIGKILLs itself at a chosen stage boundary.
+
+usage: python tests/crash_runner.py STAGE run --config FILE ...
+STAGE: after_ingest | after_resolve | mid_publish | before_ledger | none
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline import run  # noqa: E402
+from pipeline.cli import main  # noqa: E402
+from pipeline.stages import publish, resolve  # noqa: E402
+
+
+def die() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def after(func):
+    def wrapper(*args, **kwargs):
+        result = func(*args, **kwargs)
+        die()
+        return result
+
+    return wrapper
+
+
+def before(func):
+    def wrapper(*args, **kwargs):
+        die()
+        return func(*args, **kwargs)
+
+    return wrapper
+
+
+def mid_publish(func):
+    def wrapper(store, dest, key, out):
+        if out.files:  # first file written in full under its final name, then the crash
+            store.write_bytes(*out.files[0])
+            die()
+        return func(store, dest, key, out)
+
+    return wrapper
+
+
+def install(stage: str) -> None:
+    if stage == "after_ingest":
+        run.read_delivery = after(run.read_delivery)
+    elif stage == "after_resolve":
+        resolve.count_rejects = after(resolve.count_rejects)
+    elif stage == "mid_publish":
+        publish.write_outputs = mid_publish(publish.write_outputs)
+    elif stage == "before_ledger":
+        run._record = before(run._record)
+
+
+if __name__ == "__main__":
+    install(sys.argv[1])
+    sys.exit(main(sys.argv[2:]))
