@@ -33,8 +33,8 @@ class FeedConfig:
     name: str
     source: Location
     kind: str = "aam_segments"
-    id_type: str = "declared"
-    id_kind: str = "email"
+    id_types: tuple[str, ...] = ("declared",)
+    id_kinds: tuple[str, ...] = ("email",)
     id_encoding: str = "plain"
     default_country: str | None = None
     decryption: str | None = None
@@ -46,8 +46,10 @@ class FeedConfig:
 
     @property
     def kinds(self) -> tuple[str, ...]:
-        """Profile key kinds this feed's IDs are looked up in."""
-        return ("ecid",) if self.id_type == "ecid" else (self.id_kind,)
+        """Key kinds this feed's IDs may be, in detection order (ECID, email, phone, CRM)."""
+        declared = self.id_kinds if "declared" in self.id_types else ()
+        ecid = ("ecid",) if "ecid" in self.id_types else ()
+        return ecid + tuple(k for k in ID_KINDS if k in declared)
 
 
 @dataclass(frozen=True)
@@ -126,10 +128,10 @@ def _feed(raw: Any, i: int, env: Mapping[str, str], base_dir: Path) -> FeedConfi
     name = _req(raw, where, "name", str)
     where = f"feeds.{name}"
     kind = _choice(raw, where, "kind", FEED_KINDS, "aam_segments")
-    id_type = _choice(raw, where, "id_type", ID_TYPES, "declared")
-    id_kind = _choice(raw, where, "id_kind", ID_KINDS, "email")
+    id_types = _choices(raw, where, "id_type", ID_TYPES, "declared")
+    id_kinds = _choices(raw, where, "id_kind", ID_KINDS, "email")
     encoding = _choice(raw, where, "id_encoding", ENCODINGS, "plain")
-    if id_type == "ecid" and encoding not in ("plain",):
+    if id_types == ("ecid",) and encoding not in ("plain",):
         raise ConfigError(f"{where}.id_encoding: ECID feeds carry plain IDs, got {encoding!r}")
     ratio = _opt(raw, where, "max_reject_ratio", (int, float))
     ratio = 0.05 if ratio is None else float(ratio)
@@ -151,8 +153,8 @@ def _feed(raw: Any, i: int, env: Mapping[str, str], base_dir: Path) -> FeedConfi
         name=name,
         source=_location(raw, where, "source", base_dir),
         kind=kind,
-        id_type=id_type,
-        id_kind=id_kind,
+        id_types=id_types,
+        id_kinds=id_kinds,
         id_encoding=encoding,
         default_country=_country(_opt(raw, where, "default_country", str),
                                  f"{where}.default_country"),
@@ -349,6 +351,17 @@ def _opt(raw: Mapping[str, Any], where: str, key: str, typ: Any, default: Any = 
     if not isinstance(value, typ):
         raise ConfigError(f"{where}.{key}: wrong type ({type(value).__name__})")
     return value
+
+
+def _choices(raw: Mapping[str, Any], where: str, key: str, choices: tuple,
+             default: str) -> tuple[str, ...]:
+    """A choice or a list of choices (feeds that mix ID kinds); kept in a stable order."""
+    value = raw.get(key, default)
+    values = value if isinstance(value, list) else [value]
+    if not values or not all(isinstance(v, str) and v in choices for v in values):
+        raise ConfigError(f"{where}.{key}: must be one of {', '.join(choices)} or a list of "
+                          f"them, got {value!r}")
+    return tuple(c for c in choices if c in values)
 
 
 def _choice(raw: Mapping[str, Any], where: str, key: str, choices: tuple, default: Any) -> Any:

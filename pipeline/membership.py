@@ -80,12 +80,7 @@ class MembershipState:
             raise FatalError(f"membership state {path} is unreadable: {exc}") from None
 
     def base(self, audience: str, export: str) -> Version | None:
-        """The version an export diffs against: the current one, unless the current one *is*
-        this export (a re-run), then the one before it."""
-        head = self.head(audience)
-        if head.current is not None and head.current.export == export:
-            return head.previous
-        return head.current
+        return base_version(self.head(audience), export)
 
     def read(self, audience: str, version: Version | None) -> pl.LazyFrame:
         """(audience, trait_id, dpuuid) of a version; empty for None."""
@@ -132,6 +127,15 @@ class MembershipState:
         heads = [self._read_head(e.path) for e in self.store.list(prefix)
                  if e.path.endswith("/HEAD.json")]
         return {h.current.export for h in heads if h.current is not None}
+
+
+def base_version(head: Head, export: str) -> Version | None:
+    """The version an export diffs against: the current one, unless the current one *is*
+    this export (a re-run, e.g. after a crash that saved part of the state), then the one
+    before it, so the re-run publishes what the first run published."""
+    if head.current is not None and head.current.export == export:
+        return head.previous
+    return head.current
 
 
 def diff(old: pl.LazyFrame, new: pl.LazyFrame, full: bool = False) -> pl.LazyFrame:

@@ -30,7 +30,7 @@ def resolve(parsed: pl.LazyFrame, feed: FeedConfig, default_country: str | None)
     user_id = pl.col("user_id")
     ok_format = pl.col("format_error").is_null()
     frame = parsed.with_columns(_decrypted=pl.lit(None, pl.String))
-    if feed.id_type == "declared" and feed.id_encoding in ("encrypted", "auto"):
+    if feed.id_encoding in ("encrypted", "auto"):
         # Materialized once: the UDF must not run again in every branch that reads it.
         frame = frame.with_columns(_decrypted=pl.when(ok_format).then(
             identity.decrypt_expr(user_id, feed.decryption, feed.key, feed.iv)))
@@ -56,16 +56,14 @@ def resolve(parsed: pl.LazyFrame, feed: FeedConfig, default_country: str | None)
 
 def _key_and_contact(feed: FeedConfig, user_id: pl.Expr, decrypted: pl.Expr,
                      country: str | None) -> tuple[pl.Expr, pl.Expr]:
-    """Key and contact expressions for the feed's ID type and encoding."""
+    """Key and contact expressions for the feed's ID kinds and encoding."""
     no_contact = pl.lit(None, pl.String)
-    if feed.id_type == "ecid":
-        return identity.sha256_hex(identity.normalize("ecid", user_id)), no_contact
-    kind, encoding = feed.id_kind, feed.id_encoding
+    encoding = feed.id_encoding
     if encoding == "plain":
-        return identity.sha256_hex(identity.normalize(kind, user_id, country)), no_contact
+        return identity.sha256_hex(normalize_any(feed.kinds, user_id, country)), no_contact
     if encoding == "sha256":
         return identity.parse_incoming_hash(user_id), no_contact
-    normalized_dec = identity.normalize(kind, decrypted, country)
+    normalized_dec = normalize_any(feed.kinds, decrypted, country)
     if encoding == "encrypted":
         return identity.sha256_hex(normalized_dec), normalized_dec
     # auto, per row. A value that decrypts to a valid ID is encrypted even when it has a hash's
@@ -76,9 +74,28 @@ def _key_and_contact(feed: FeedConfig, user_id: pl.Expr, decrypted: pl.Expr,
     key = (
         pl.when(decrypted_ok).then(identity.sha256_hex(normalized_dec))
         .when(identity.looks_hashed(user_id)).then(identity.parse_incoming_hash(user_id))
-        .otherwise(identity.sha256_hex(identity.normalize(kind, user_id, country)))
+        .otherwise(identity.sha256_hex(normalize_any(feed.kinds, user_id, country)))
     )
     return key, pl.when(decrypted_ok).then(normalized_dec)
+
+
+_PHONE_SHAPE = r"^\+?[0-9][0-9 ().\-]{3,}$"
+
+
+def normalize_any(kinds: tuple[str, ...], value: pl.Expr, country: str | None) -> pl.Expr:
+    """Normalize as the first kind that accepts the value (kinds in detection order).
+
+    Phone parsing is costly, so in a mixed feed it only sees values shaped like a number.
+    """
+    if len(kinds) == 1:
+        return identity.normalize(kinds[0], value, country)
+    parts = []
+    for kind in kinds:
+        source = value
+        if kind == "phone":
+            source = pl.when(value.str.strip_chars().str.contains(_PHONE_SHAPE)).then(value)
+        parts.append(identity.normalize(kind, source, country))
+    return pl.coalesce(parts)
 
 
 def count_rejects(resolved: pl.DataFrame) -> dict[str, int]:
