@@ -86,7 +86,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="TOML configuration file")
-    p.add_argument("--dry-run", action="store_true", help="report what would be done; write nothing")
+    p.add_argument("--dry-run", action="store_true",
+                   help="report what would be done, write nothing")
     p.add_argument("--json", action="store_true", help="print the run report as JSON on stdout")
     p.add_argument("--debug", action="store_true", help="verbose logs and tracebacks")
 
@@ -107,6 +108,8 @@ def _setup_logging(debug: bool, quiet: bool) -> None:
     root.setLevel(level)
     for noisy in ("botocore", "boto3", "urllib3", "paramiko", "s3transfer", "werkzeug"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # paramiko logs dropped sockets at ERROR; our StoreUnavailable already says it once.
+    logging.getLogger("paramiko.transport").setLevel(logging.CRITICAL)
 
 
 def _cmd_run(args: argparse.Namespace, env: Mapping[str, str]) -> int:

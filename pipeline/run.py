@@ -24,7 +24,7 @@ from pipeline.ledger import Ledger, LedgerEntry
 from pipeline.lock import StateLock
 from pipeline.report import DeliveryReport, RunReport
 from pipeline.snapshot import Snapshots, make_workdir
-from pipeline.stages import join, publish, resolve
+from pipeline.stages import export, join, publish, resolve
 from pipeline.stages.ingest import Delivery, entry_md5s, find_deliveries, read_delivery
 from pipeline.stores import Store, open_store
 
@@ -75,9 +75,12 @@ def execute(config: Config, options: RunOptions, now: datetime | None = None,
         ctx = Context(config, options, run_id, state, Ledger(state), snapshots, targets)
         for feed in config.feeds:
             source = _keep(stores, open_store(feed.source.url, feed.source.options))
-            for delivery in _selected(find_deliveries(source, feed.name, feed.require_info),
-                                      options):
-                result = process(ctx, feed, source, delivery)
+            if feed.kind == "campaign_export":
+                results = export.process_export(ctx, feed, source)
+            else:
+                results = (process(ctx, feed, source, d) for d in _selected(
+                    find_deliveries(source, feed.name, feed.require_info), options))
+            for result in results:
                 report.deliveries.append(result)
                 if on_delivery:
                     on_delivery(result)
@@ -143,7 +146,7 @@ def _with_retries(step: Callable[[], None], delays: tuple[float, ...], what: str
         except TransientError as exc:
             if delay is None:
                 raise
-            log.warning("delivery=%s attempt=%d retriable_error=%s retry_in=%.0fs",
+            log.warning("delivery=%s attempt=%d retriable_error=%s retry_in=%.1fs",
                         what, attempt, exc, delay)
             time.sleep(delay)
 
@@ -179,6 +182,8 @@ def _process_complete(ctx: Context, feed: FeedConfig, source: Store, delivery: D
     key = publish.DeliveryKey(feed.name, delivery.root,
                               publish.timestamp_seconds(delivery.timestamp_ms, rep.date))
     for dest in ctx.config.destinations:
+        if dest.kind == "aam_inbound" and not dest.traits:
+            continue  # an export-only destination (audiences table, no segments)
         out = _build(dest, audience, joined, profiles, key)
         rep.rows_written[dest.name] = out.rows
         if out.unmapped_segments:

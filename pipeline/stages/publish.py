@@ -95,7 +95,8 @@ def contacts(unmatched: pl.DataFrame, dest: DestinationConfig, key: DeliveryKey)
     return Output([(f"{key.feed}/{key.root}.csv", _table_bytes(table, "csv"))], rows=table.height)
 
 
-def write_outputs(store: Store, dest: DestinationConfig, key: DeliveryKey, out: Output) -> list[str]:
+def write_outputs(store: Store, dest: DestinationConfig, key: DeliveryKey,
+                  out: Output) -> list[str]:
     """Write files atomically, drop files a previous run wrote that this run did not, then
     the manifest last (a reader who trusts manifests never sees a partial delivery)."""
     manifest_path = f"_manifests/{key.feed}/{key.root}.json"
