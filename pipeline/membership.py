@@ -25,8 +25,6 @@ from pipeline.stores import Store
 
 log = logging.getLogger(__name__)
 ROOT = "membership"
-KEYS = ["audience", "trait_id", "dpuuid"]
-MEMBERS_SCHEMA = {"audience": pl.String, "trait_id": pl.Int64, "dpuuid": pl.String}
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
 # Kept as they are; every other name becomes "<slug>-<hash>", which holds a dash and so never
 # equals a kept name.
@@ -82,18 +80,15 @@ class MembershipState:
     def base(self, audience: str, export: str) -> Version | None:
         return base_version(self.head(audience), export)
 
-    def read(self, audience: str, version: Version | None) -> pl.LazyFrame:
-        """(audience, trait_id, dpuuid) of a version; empty for None."""
+    def read(self, audience: str, version: Version | None) -> pl.DataFrame:
+        """The members (`dpuuid`) of a version; empty for None."""
         if version is None:
-            return pl.LazyFrame(schema=MEMBERS_SCHEMA)
+            return pl.DataFrame(schema={"dpuuid": pl.String})
         path = f"{self.folder(audience)}/{version.file}"
         try:
-            members = pl.read_parquet(io.BytesIO(self.store.read_bytes(path)))
+            return pl.read_parquet(io.BytesIO(self.store.read_bytes(path)), columns=["dpuuid"])
         except FileNotFoundError:
             raise FatalError(f"membership state {path} listed in HEAD is missing") from None
-        return members.lazy().select(
-            audience=pl.lit(audience), trait_id=pl.lit(version.trait_id, pl.Int64),
-            dpuuid=pl.col("dpuuid"))
 
     def save(self, audience: str, export: str, timestamp: int, trait_id: int,
              members: pl.DataFrame) -> Version:
@@ -138,15 +133,22 @@ def base_version(head: Head, export: str) -> Version | None:
     return head.current
 
 
-def diff(old: pl.LazyFrame, new: pl.LazyFrame, full: bool = False) -> pl.LazyFrame:
-    """(dpuuid, trait_id, action): `add` for joiners (every member when `full`), `remove`
-    for leavers. Frames are (audience, trait_id, dpuuid); a changed trait ID of an
-    audience makes every old member a leaver and every new member a joiner."""
-    joiners = new if full else new.join(old, on=KEYS, how="anti")
-    leavers = old.join(new, on=KEYS, how="anti")
+def diff(old: pl.DataFrame, new: pl.DataFrame, old_trait: int | None, new_trait: int,
+         full: bool = False) -> pl.DataFrame:
+    """(dpuuid, trait_id, action) for one audience: `add` for joiners (every member when
+    `full`), `remove` for leavers. A changed trait ID makes every old member a leaver (of
+    the old trait) and every new member a joiner.
+
+    Anti-joins on the one `dpuuid` key, eagerly: measured faster than lazy or multi-key
+    joins at millions of members (benchmarks/bench_export_diff.py).
+    """
+    moved = old_trait is not None and old_trait != new_trait
+    joiners = new if full or moved else new.join(old, on="dpuuid", how="anti")
+    leavers = old if moved else old.join(new, on="dpuuid", how="anti")
     return pl.concat([
-        joiners.select("dpuuid", "trait_id", action=pl.lit("add")),
-        leavers.select("dpuuid", "trait_id", action=pl.lit("remove")),
+        joiners.select("dpuuid", trait_id=pl.lit(new_trait, pl.Int64), action=pl.lit("add")),
+        leavers.select("dpuuid", trait_id=pl.lit(old_trait, pl.Int64),
+                       action=pl.lit("remove")),
     ])
 
 

@@ -24,7 +24,8 @@ class DeliveryReport:
     unmatched: int = 0
     suppressed: int = 0
     rows_written: dict[str, int] = field(default_factory=dict)
-    unmapped_segments: dict[str, int] = field(default_factory=dict)
+    unmapped_segments: dict[str, int] = field(default_factory=dict)  # rows filtered out
+    missing_ids: dict[str, int] = field(default_factory=dict)  # rows lacking the DPUUID
     outputs: list[str] = field(default_factory=list)
 
     @property

@@ -160,6 +160,7 @@ def _process_complete(ctx: Context, feed: FeedConfig, source: Store, delivery: D
     rep.outputs.clear()  # a retry starts from scratch
     rep.rows_written.clear()
     rep.unmapped_segments.clear()
+    rep.missing_ids.clear()
     lines = read_delivery(source, delivery)
     parsed = resolve.parse(lines.lazy())
     resolved = resolve.resolve(parsed, feed, ctx.config.default_country).collect()
@@ -188,6 +189,8 @@ def _process_complete(ctx: Context, feed: FeedConfig, source: Store, delivery: D
         rep.rows_written[dest.name] = out.rows
         if out.unmapped_segments:
             rep.unmapped_segments[dest.name] = out.unmapped_segments
+        if out.missing_id:
+            rep.missing_ids[dest.name] = out.missing_id
         if ctx.options.dry_run:
             rep.outputs += [f"{dest.name}:{p}" for p, _ in out.files]
         else:

@@ -50,6 +50,10 @@ _FOLDER_DATE = re.compile(r"date=([0-9]{4}-[0-9]{2}-[0-9]{2})")
 _SEPARATORS = (",", ";", "\t", "|")
 _EXTRA = "_extra_fields"  # catches rows with more fields than the header
 DAY = 86_400
+_NO_MEMBERS = pl.DataFrame(schema={"audience": pl.String, "trait_id": pl.Int64,
+                                   "dpuuid": pl.String})
+_NO_CHANGES = pl.DataFrame(schema={"dpuuid": pl.String, "trait_id": pl.Int64,
+                                   "action": pl.String})
 
 
 # --------------------------------------------------------------------------------------------
@@ -280,7 +284,7 @@ class _Plan:
     """Everything one file publishes, computed before anything is written."""
 
     outputs: dict[str, publish.Output]
-    members: dict[str, pl.DataFrame]  # destination -> (audience, trait_id, dpuuid)
+    members: dict[str, dict[str, pl.DataFrame]]  # destination -> audience -> (dpuuid)
     audiences: list[str]
 
 
@@ -371,7 +375,7 @@ def _process_file(ctx: Context, feed: FeedConfig, f: ExportFile, data: bytes,
         rep.reason = (f"older than the export already applied for {newer} audience(s); "
                       "not applied (diffs apply oldest first)")
         return
-    plan = _plan(ctx, f, resolved, dests, states, heads, audiences, rep)
+    plan = _plan(ctx, f, resolved, dests, states, heads, audiences)
     key = publish.DeliveryKey(feed.name, f.root, f.timestamp_s)
     for dest in dests:
         out = plan.outputs[dest.name]
@@ -405,18 +409,24 @@ def _superseded(heads: dict[str, dict[str, Head]], f: ExportFile) -> int:
 
 def _plan(ctx: Context, f: ExportFile, resolved: pl.DataFrame, dests: list[DestinationConfig],
           states: dict[str, MembershipState], heads: dict[str, dict[str, Head]],
-          audiences: list[str], rep: DeliveryReport) -> _Plan:
+          audiences: list[str]) -> _Plan:
     plan = _Plan({}, {}, audiences)
     for dest in dests:
         new, missing = members(resolved.lazy(), dest)
-        plan.members[dest.name] = new.collect()
-        missing_ids = resolved.lazy().select(missing).collect().item()
-        old = pl.concat([states[dest.name].read(a, base_version(heads[dest.name][a], f.root))
-                         for a in audiences]) if audiences else new.clear()
-        changes = diff(old, plan.members[dest.name].lazy(), ctx.options.full).collect()
-        plan.outputs[dest.name] = publish.inbound_files_for(changes, dest, f.timestamp_s)
+        by_audience = new.collect().partition_by("audience", as_dict=True)
+        now = plan.members[dest.name] = {
+            a: by_audience.get((a,), _NO_MEMBERS).select("dpuuid") for a in audiences}
+        changes = [_NO_CHANGES]
+        for audience in audiences:
+            base = base_version(heads[dest.name][audience], f.root)
+            changes.append(diff(states[dest.name].read(audience, base), now[audience],
+                                base.trait_id if base else None, dest.audiences[audience],
+                                ctx.options.full))
+        rows = pl.concat(changes)
+        plan.outputs[dest.name] = publish.inbound_files_for(rows, dest, f.timestamp_s)
         log.info("destination=%s export=%s members=%d changes=%d missing_dpuuid=%d",
-                 dest.name, f.root, plan.members[dest.name].height, changes.height, missing_ids)
+                 dest.name, f.root, sum(m.height for m in now.values()), rows.height,
+                 resolved.lazy().select(missing).collect().item())
     return plan
 
 
@@ -447,10 +457,9 @@ def _check_names(store: Store, dest: DestinationConfig, key: publish.DeliveryKey
 def _save_state(states: dict[str, MembershipState], f: ExportFile,
                 dests: list[DestinationConfig], plan: _Plan) -> None:
     for dest in dests:
-        new = plan.members[dest.name]
         for audience in plan.audiences:
             save_membership(states[dest.name], audience, f, dest.audiences[audience],
-                            new.filter(pl.col("audience") == audience))
+                            plan.members[dest.name][audience])
 
 
 def save_membership(state: MembershipState, audience: str, f: ExportFile, trait_id: int,

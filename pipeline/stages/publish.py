@@ -41,6 +41,7 @@ class Output:
     files: list[tuple[str, bytes]] = field(default_factory=list)
     rows: int = 0
     unmapped_segments: int = 0
+    missing_id: int = 0  # mapped rows of profiles lacking the destination's DPUUID
 
 
 def campaign_list(audience: pl.DataFrame, dest: DestinationConfig, key: DeliveryKey) -> Output:
@@ -62,11 +63,11 @@ def aam_inbound(audience: pl.DataFrame, profiles: pl.DataFrame, dest: Destinatio
                           schema={"segment_id": pl.UInt32, "trait_id": pl.Int64})
     mapped = audience.join(traits, on="segment_id", how="inner")
     ids = profiles.select("profile_id", dpuuid=pl.col(DPUUID_COLUMN[dest.id]))
-    rows = (mapped.join(ids, on="profile_id", how="left", validate="m:1")
-            .filter(pl.col("dpuuid").is_not_null())
-            .select("dpuuid", "trait_id", "action"))
+    with_ids = mapped.join(ids, on="profile_id", how="left", validate="m:1")
+    rows = with_ids.filter(pl.col("dpuuid").is_not_null()).select("dpuuid", "trait_id", "action")
     return Output(_inbound_files(rows, dest, key.timestamp_s), rows=rows.height,
-                  unmapped_segments=audience.height - mapped.height)
+                  unmapped_segments=audience.height - mapped.height,
+                  missing_id=with_ids.height - rows.height)
 
 
 def inbound_files_for(rows: pl.DataFrame, dest: DestinationConfig, timestamp_s: int) -> Output:

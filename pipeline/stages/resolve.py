@@ -30,11 +30,16 @@ def resolve(parsed: pl.LazyFrame, feed: FeedConfig, default_country: str | None)
     user_id = pl.col("user_id")
     ok_format = pl.col("format_error").is_null()
     frame = parsed.with_columns(_decrypted=pl.lit(None, pl.String))
+    decrypted: dict[str, pl.Expr] = {}
     if feed.id_encoding in ("encrypted", "auto"):
-        # Materialized once: the UDF must not run again in every branch that reads it.
+        # Materialized once: the UDFs (AES, phone parsing) must not run again in every
+        # branch that reads them.
         frame = frame.with_columns(_decrypted=pl.when(ok_format).then(
             identity.decrypt_expr(user_id, feed.decryption, feed.key, feed.iv)))
-    key, contact = _key_and_contact(feed, user_id, pl.col("_decrypted"), country)
+        parts = normalized_parts(feed.kinds, pl.col("_decrypted"), country)
+        frame = frame.with_columns(**{f"_dec_{kind}": part for kind, part in parts.items()})
+        decrypted = {kind: pl.col(f"_dec_{kind}") for kind in parts}
+    key, contact = _key_and_contact(feed, user_id, decrypted, country)
     decrypt_failed = (
         pl.col("_decrypted").is_null() if feed.id_encoding == "encrypted" else pl.lit(False)
     )
@@ -50,22 +55,34 @@ def resolve(parsed: pl.LazyFrame, feed: FeedConfig, default_country: str | None)
         .with_columns(reject=reject)
         .with_columns(key=pl.when(ok).then(pl.col("key")),
                       contact=pl.when(ok).then(pl.col("contact")))
-        .drop("_decrypted")
+        .drop("_decrypted", *(f"_dec_{kind}" for kind in decrypted))
     )
 
 
-def _key_and_contact(feed: FeedConfig, user_id: pl.Expr, decrypted: pl.Expr,
+# Kinds that are addresses a message can reach: only these go to the no-profile contacts file
+# (SPEC §5: "decrypted email/SMS addresses"); an encrypted ECID or CRM ID is not one.
+CONTACT_KINDS = ("email", "phone")
+
+
+def _key_and_contact(feed: FeedConfig, user_id: pl.Expr, decrypted: dict[str, pl.Expr],
                      country: str | None) -> tuple[pl.Expr, pl.Expr]:
-    """Key and contact expressions for the feed's ID kinds and encoding."""
+    """Key and contact expressions for the feed's ID kinds and encoding.
+
+    `decrypted` holds the decrypted value normalized as each of the feed's kinds (in
+    detection order; empty unless the feed decrypts).
+    """
     no_contact = pl.lit(None, pl.String)
     encoding = feed.id_encoding
     if encoding == "plain":
         return identity.sha256_hex(normalize_any(feed.kinds, user_id, country)), no_contact
     if encoding == "sha256":
         return identity.parse_incoming_hash(user_id), no_contact
-    normalized_dec = normalize_any(feed.kinds, decrypted, country)
+    normalized_dec = _first(list(decrypted.values()))
+    # The kinds are disjoint (38 digits are no E.164 number, an ECID has no '@') except CRM,
+    # which comes last and takes anything, so the first address kind is the detected kind.
+    contact = _first([part for kind, part in decrypted.items() if kind in CONTACT_KINDS])
     if encoding == "encrypted":
-        return identity.sha256_hex(normalized_dec), normalized_dec
+        return identity.sha256_hex(normalized_dec), contact
     # auto, per row. A value that decrypts to a valid ID is encrypted even when it has a hash's
     # shape: short AES-CBC tokens are exactly 44-char Base64 like a SHA-256, while a real hash
     # never authenticates (GCM) nor decrypts to a valid address (CBC). Then hash shape ->
@@ -76,26 +93,38 @@ def _key_and_contact(feed: FeedConfig, user_id: pl.Expr, decrypted: pl.Expr,
         .when(identity.looks_hashed(user_id)).then(identity.parse_incoming_hash(user_id))
         .otherwise(identity.sha256_hex(normalize_any(feed.kinds, user_id, country)))
     )
-    return key, pl.when(decrypted_ok).then(normalized_dec)
+    return key, pl.when(decrypted_ok).then(contact)
+
+
+def _first(parts: list[pl.Expr]) -> pl.Expr:
+    if not parts:
+        return pl.lit(None, pl.String)
+    return parts[0] if len(parts) == 1 else pl.coalesce(parts)
 
 
 _PHONE_SHAPE = r"^\+?[0-9][0-9 ().\-]{3,}$"
 
 
 def normalize_any(kinds: tuple[str, ...], value: pl.Expr, country: str | None) -> pl.Expr:
-    """Normalize as the first kind that accepts the value (kinds in detection order).
+    """Normalize as the first kind that accepts the value (kinds in detection order)."""
+    return _first(list(normalized_parts(kinds, value, country).values()))
+
+
+def normalized_parts(kinds: tuple[str, ...], value: pl.Expr,
+                     country: str | None) -> dict[str, pl.Expr]:
+    """The value normalized as each kind (null where that kind rejects it), in kinds order.
 
     Phone parsing is costly, so in a mixed feed it only sees values shaped like a number.
     """
     if len(kinds) == 1:
-        return identity.normalize(kinds[0], value, country)
-    parts = []
+        return {kinds[0]: identity.normalize(kinds[0], value, country)}
+    parts: dict[str, pl.Expr] = {}
     for kind in kinds:
         source = value
         if kind == "phone":
             source = pl.when(value.str.strip_chars().str.contains(_PHONE_SHAPE)).then(value)
-        parts.append(identity.normalize(kind, source, country))
-    return pl.coalesce(parts)
+        parts[kind] = identity.normalize(kind, source, country)
+    return parts
 
 
 def count_rejects(resolved: pl.DataFrame) -> dict[str, int]:
