@@ -421,8 +421,9 @@ def load_profiles(con: duckdb.DuckDBPyConnection, s: Settings, kinds: set[str],
     def col(name: str, typ: str = "VARCHAR") -> str:
         return f"CAST({name} AS {typ})" if name in names else f"NULL::{typ}"
 
-    nulls, dups = con.execute("SELECT count(*) - count(profile_id), "
-                              "count(profile_id) - count(DISTINCT profile_id) FROM snap").fetchall()[0]
+    nulls, dups = con.execute(
+        "SELECT count(*) - count(profile_id), count(profile_id) - count(DISTINCT profile_id) "
+        "FROM snap").fetchall()[0]
     if nulls or dups:
         raise SystemExit("reference: profile_id has nulls or duplicates")
     country = f"upper(strip_ws({col('country')}))"

@@ -2,7 +2,7 @@
 
 Layout under the state store, one folder per (destination, audience):
     membership/<destination>/<audience-key>/HEAD.json         which version is current
-    membership/<destination>/<audience-key>/<version>.parquet  one column `dpuuid`, sorted
+    membership/<destination>/<audience-key>/<version>.parquet  one column `dpuuid`
 
 A version is named after the export file that produced it. HEAD keeps the current and the
 previous version, so an export re-run after a crash (published, state partly saved, ledger
@@ -98,7 +98,8 @@ class MembershipState:
         version = Version(export, timestamp, trait_id, members.height, file)
         folder = self.folder(audience)
         buf = io.BytesIO()
-        members.select("dpuuid").sort("dpuuid").write_parquet(buf, compression="zstd")
+        # zstd halves hex DPUUIDs; no sort: nothing depends on the state's row order.
+        members.select("dpuuid").write_parquet(buf, compression="zstd")
         self.store.write_bytes(f"{folder}/{file}", buf.getvalue())
         head = self.head(audience)
         # Re-saving the current export keeps its predecessor, so a later re-run still

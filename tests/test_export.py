@@ -236,7 +236,7 @@ def test_state_keeps_current_and_previous_versions(tmp_path):
     assert len(files) == 3 and "HEAD.json" in files  # x is gone, y and z stay
     with pytest.raises(FatalError, match="missing"):
         state.read("VIP", v1)
-    assert state.read("VIP", state.head("VIP").current)["dpuuid"].to_list() == ["a", "b"]
+    assert sorted(state.read("VIP", state.head("VIP").current)["dpuuid"]) == ["a", "b"]
     assert state.current_exports() == {"z"}
 
 
@@ -354,6 +354,7 @@ def test_day1_full_day2_diff_rerun_and_full(layout, tmp_path, request, capsys):
     (day1,) = report["deliveries"]
     assert (day1["status"], day1["records_received"], day1["matched"], day1["unmatched"],
             day1["suppressed"], day1["format_errors"]) == ("processed", 8, 7, 1, 1, 0)
+    assert day1["missing_ids"] == {"ec": 1}  # P8 has no email: counted, not exported
     out = setup.outputs()
     assert out[f"ec/{inbound(DAY1, 777)}"] == golden("export_day1_email_sha256.sync")
     assert out[f"crm/{inbound(DAY1, 888)}"] == golden("export_day1_profile_id.sync")
@@ -368,6 +369,7 @@ def test_day1_full_day2_diff_rerun_and_full(layout, tmp_path, request, capsys):
     assert counts == {"records_received": 7, "format_errors": 1, "invalid_ids": 0,
                       "decrypt_failures": 0, "matched": 6, "unmatched": 0, "suppressed": 1}
     assert day2["rows_written"] == {"ec": 5, "crm": 5}
+    assert day2["missing_ids"] == {"ec": 1}
     after_day2 = setup.outputs()
     assert len(after_day2) == 4
     assert after_day2[f"ec/{inbound(DAY2, 777)}"] == golden("export_day2_email_sha256.sync")
@@ -510,3 +512,38 @@ def test_crash_before_state_is_saved_loses_and_duplicates_nothing(crash_at, tmp_
     day3 = setup.outputs()[f"crm/{inbound(DAY3, 888)}"].decode().splitlines()
     assert day3 == ["P2\td_sid=5001", "P4\td_unsid=5001", "P6\td_unsid=5002",
                     "P8\td_unsid=5001"]
+
+
+def test_a_late_older_export_is_not_applied_over_a_newer_one(tmp_path, request, capsys):
+    setup = Setup(tmp_path, request, "local")
+    setup.drop(DAY2)
+    assert setup.run(capsys=capsys)[0] == 0
+    before = setup.outputs()
+    setup.drop(DAY1)  # arrives late
+    code, report = setup.run(capsys=capsys)
+    late = report["deliveries"][0]
+    assert code == 0 and late["delivery"] == f"campaign_audiences_{DAY1}"
+    assert late["status"] == "skipped" and "older than the export" in late["reason"]
+    assert setup.outputs() == before
+    code, report = setup.run(capsys=capsys)  # recorded: not read again
+    assert [d["status"] for d in report["deliveries"]] == ["skipped", "skipped"]
+
+
+def test_a_file_changed_after_processing_is_reported(tmp_path, request, capsys):
+    setup = Setup(tmp_path, request, "local")
+    setup.drop(DAY1)
+    assert setup.run(capsys=capsys)[0] == 0
+    setup.drop(DAY1, EXPORTS[DAY1] + [(VIP, "P6")])
+    code, report = setup.run(capsys=capsys)
+    assert report["deliveries"][0]["status"] == "skipped"
+    assert "changed since processed" in report["deliveries"][0]["reason"]
+
+
+def test_exports_of_one_day_in_separate_files_publish_separately(tmp_path, request, capsys):
+    setup = Setup(tmp_path, request, "local")
+    setup.drop(0, [(VIP, "P1")], name="date=2024-03-01/vip.csv")
+    setup.drop(0, [(CHURN, "P5")], name="date=2024-03-01/churn.csv")
+    code, report = setup.run(capsys=capsys)
+    assert code == 0 and [d["status"] for d in report["deliveries"]] == ["processed"] * 2
+    crm = sorted(v for k, v in setup.outputs().items() if k.startswith("crm/"))
+    assert crm == [b"P1\td_sid=5001\n", b"P5\td_sid=5002\n"]

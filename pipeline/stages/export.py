@@ -286,6 +286,7 @@ class _Plan:
     outputs: dict[str, publish.Output]
     members: dict[str, dict[str, pl.DataFrame]]  # destination -> audience -> (dpuuid)
     audiences: list[str]
+    missing_ids: dict[str, int]  # destination -> exportable rows lacking the DPUUID
 
 
 def process_export(ctx: Context, feed: FeedConfig, source: Store) -> Iterator[DeliveryReport]:
@@ -334,8 +335,9 @@ def _process(ctx: Context, feed: FeedConfig, source: Store, f: ExportFile,
         rep.status = "incomplete" if isinstance(exc, IncompleteDelivery) else "failed"
         rep.reason = str(exc)
         log.error("feed=%s export=%s status=%s reason=%s", feed.name, f.root, rep.status, exc)
-    # A superseded file keeps an earlier record (its outputs stay listed there).
-    if not ctx.options.dry_run and not (rep.status == "skipped" and previous):
+    # A superseded file that was processed before keeps that record (and its outputs).
+    kept = rep.status == "skipped" and previous is not None and previous.status == "processed"
+    if not ctx.options.dry_run and not kept:
         ctx.ledger.put(LedgerEntry(
             feed=rep.feed, delivery=rep.delivery, status=rep.status,
             files={f.path: _identity(f, data)}, counts=rep.counts(), outputs=rep.outputs,
@@ -380,6 +382,8 @@ def _process_file(ctx: Context, feed: FeedConfig, f: ExportFile, data: bytes,
     for dest in dests:
         out = plan.outputs[dest.name]
         rep.rows_written[dest.name] = out.rows
+        if plan.missing_ids[dest.name]:
+            rep.missing_ids[dest.name] = plan.missing_ids[dest.name]
         if ctx.options.dry_run:
             rep.outputs += [f"{dest.name}:{p}" for p, _ in out.files]
     if not ctx.options.dry_run:
@@ -410,7 +414,7 @@ def _superseded(heads: dict[str, dict[str, Head]], f: ExportFile) -> int:
 def _plan(ctx: Context, f: ExportFile, resolved: pl.DataFrame, dests: list[DestinationConfig],
           states: dict[str, MembershipState], heads: dict[str, dict[str, Head]],
           audiences: list[str]) -> _Plan:
-    plan = _Plan({}, {}, audiences)
+    plan = _Plan({}, {}, audiences, {})
     for dest in dests:
         new, missing = members(resolved.lazy(), dest)
         by_audience = new.collect().partition_by("audience", as_dict=True)
@@ -424,9 +428,10 @@ def _plan(ctx: Context, f: ExportFile, resolved: pl.DataFrame, dests: list[Desti
                                 ctx.options.full))
         rows = pl.concat(changes)
         plan.outputs[dest.name] = publish.inbound_files_for(rows, dest, f.timestamp_s)
+        plan.missing_ids[dest.name] = resolved.lazy().select(missing).collect().item()
         log.info("destination=%s export=%s members=%d changes=%d missing_dpuuid=%d",
                  dest.name, f.root, sum(m.height for m in now.values()), rows.height,
-                 resolved.lazy().select(missing).collect().item())
+                 plan.missing_ids[dest.name])
     return plan
 
 

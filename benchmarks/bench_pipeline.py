@@ -1,0 +1,432 @@
+"""End-to-end benchmark: this pipeline vs a DuckDB SQL reference on the same generated data.
+
+Run: .venv/bin/python benchmarks/bench_pipeline.py --lines 1000000 [--profiles 1000000]
+         [--files 2] [--data ./bench-data] [--keep] [--profile-stages] [--sides pipeline,duckdb]
+
+Generates (or reuses) three deliveries — emails with `lines` lines (40% AES-GCM, 40% SHA-256,
+20% plain), phones and ECIDs with a tenth each — and a snapshot of `profiles` profiles, then
+runs `run_pipeline.py run --json` and `benchmarks/duckdb_reference.py` each in its own
+subprocess, measuring wall time and peak RSS (`wait4` rusage of that child only). It checks
+that both wrote the same campaign CSVs (bytes), AAM inbound lines, quarantine files and
+report counts, and prints a table. `--profile-stages` also runs the pipeline in this process
+with every stage wrapped from the outside (nothing in `pipeline/` is changed) and prints wall
+time and peak RSS per stage. Results are appended to `<data>/results.jsonl`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import polars as pl
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from pipeline.generate import GenerateSpec, generate  # noqa: E402
+
+CONFIG = """\
+# Written by benchmarks/bench_pipeline.py
+[state]
+location = "{out}/state"
+
+[profiles]
+snapshot = "{snapshot}"
+default_country = "FR"
+
+[[feeds]]
+name = "emails"
+source = "{feeds}/email"
+id_type = "declared"
+id_kind = "email"
+id_encoding = "auto"          # encrypted, SHA-256 and plain emails mixed per row
+decryption = "aes-gcm"
+key_env = "{key_env}"
+
+[[feeds]]
+name = "phones"
+source = "{feeds}/phone"
+id_type = "declared"
+id_kind = "phone"
+id_encoding = "plain"
+
+[[feeds]]
+name = "ecids"
+source = "{feeds}/ecid"
+id_type = "ecid"
+
+[[destinations]]
+name = "campaign"
+kind = "campaign_list"
+target = "{out}/campaign"
+format = "csv"
+
+[[destinations]]
+name = "experience-cloud"
+kind = "aam_inbound"
+target = "{out}/aam"
+dpid = 12345
+id = "email_sha256"
+segments = {{ "111" = 9001, "112" = 9002, "113" = 9003 }}
+gzip = true
+"""
+COUNTS = ("records_received", "format_errors", "invalid_ids", "decrypt_failures",
+          "matched", "unmatched", "suppressed")
+
+
+# --------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------
+
+
+def dataset(root: Path, spec: GenerateSpec) -> tuple[Path, dict, float | None]:
+    """Generate into root/<params> unless a complete earlier generation is there."""
+    name = f"lines-{spec.lines}_profiles-{spec.profiles}_files-{spec.files}_seed-{spec.seed}"
+    folder = root / name
+    marker = folder / "generate.json"
+    if marker.exists():
+        return folder, json.loads(marker.read_text()), None
+    shutil.rmtree(folder, ignore_errors=True)
+    start = time.perf_counter()
+    result = generate(folder / "data", spec)
+    seconds = time.perf_counter() - start
+    marker.write_text(json.dumps(result, indent=1))  # last: marks the data complete
+    return folder, result, seconds
+
+
+def input_lines(data: dict) -> int:
+    total = 0
+    for folder in data["feeds"].values():
+        for info in Path(folder).glob("*.info"):
+            total += json.loads(info.read_text())["Totals"]["TotalLineCount"]
+    return total
+
+
+def write_config(run_dir: Path, data: dict) -> Path:
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
+    path = run_dir / "config.toml"
+    path.write_text(CONFIG.format(out=run_dir / "out", snapshot=data["profiles"],
+                                  feeds=Path(data["profiles"]).parent.parent / "feeds",
+                                  key_env=data["key_env"]))
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# Measured subprocess runs
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Measured:
+    side: str
+    wall_s: float
+    peak_rss_mb: float
+    exit_code: int
+    report: dict
+
+
+def measure(side: str, cmd: list[str], run_dir: Path, env: dict[str, str]) -> Measured:
+    """Run `cmd`; wall time and the peak RSS of that child alone (wait4 rusage)."""
+    out, err = run_dir / "stdout.json", run_dir / "stderr.log"
+    with open(out, "wb") as stdout, open(err, "wb") as stderr:
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=stdout, stderr=stderr, env=env, cwd=ROOT)  # noqa: S603
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - start
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    try:
+        report = json.loads(out.read_text())
+    except ValueError:
+        report = {}
+    if proc.returncode not in (0,):
+        tail = err.read_text(errors="replace").strip().splitlines()[-5:]
+        print(f"{side}: exit code {proc.returncode}; stderr tail:\n  " + "\n  ".join(tail),
+              file=sys.stderr)
+    return Measured(side, wall, usage.ru_maxrss / 1024, proc.returncode, report)
+
+
+def run_pipeline(run_dir: Path, config: Path, env: dict[str, str]) -> Measured:
+    cmd = [sys.executable, str(ROOT / "run_pipeline.py"), "run", "--config", str(config),
+           "--json"]
+    return measure("pipeline", cmd, run_dir, env)
+
+
+def run_reference(run_dir: Path, config: Path, env: dict[str, str]) -> Measured:
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "duckdb_reference.py"), "--config",
+           str(config), "--json"]
+    return measure("duckdb", cmd, run_dir, env)
+
+
+# --------------------------------------------------------------------------------------------
+# Output comparison
+# --------------------------------------------------------------------------------------------
+
+
+def compare(a: Path, b: Path, pipeline: dict, reference: dict) -> list[str]:
+    """Differences between the two runs' outputs (empty when identical)."""
+    problems = []
+    for sub, pattern, read in (("campaign", "*.csv", _bytes), ("aam", "*.sync*", _lines),
+                               ("state/quarantine", "*.csv", _bytes)):
+        files_a = _files(a / "out" / sub, pattern)
+        files_b = _files(b / "out" / sub, pattern)
+        if files_a.keys() != files_b.keys():
+            problems.append(f"{sub}: file sets differ: {sorted(files_a.keys() ^ files_b.keys())}")
+        for name in sorted(files_a.keys() & files_b.keys()):
+            if read(files_a[name]) != read(files_b[name]):
+                why = _row_diff(files_a[name], files_b[name])
+                problems.append(f"{sub}/{name}: content differs ({why})")
+    totals_a, totals_b = pipeline.get("totals", {}), reference.get("totals", {})
+    for key in COUNTS:
+        if totals_a.get(key) != totals_b.get(key):
+            problems.append(f"count {key}: pipeline {totals_a.get(key)} "
+                            f"vs duckdb {totals_b.get(key)}")
+    rows_a = {d["delivery"]: d.get("rows_written") for d in pipeline.get("deliveries", [])}
+    rows_b = {d["delivery"]: d.get("rows_written") for d in reference.get("deliveries", [])}
+    if rows_a != rows_b:
+        problems.append(f"rows_written differ: {rows_a} vs {rows_b}")
+    return problems
+
+
+def _files(folder: Path, pattern: str) -> dict[str, Path]:
+    return {str(p.relative_to(folder)): p for p in folder.rglob(pattern)
+            if "_manifests" not in p.parts and not p.name.startswith(".")}
+
+
+def _bytes(path: Path) -> bytes:
+    return path.read_bytes()
+
+
+def _lines(path: Path) -> bytes:
+    data = path.read_bytes()
+    return gzip.decompress(data) if path.suffix == ".gz" else data
+
+
+def _row_diff(a: Path, b: Path) -> str:
+    """Same rows in another order, or how many rows each side has alone."""
+    try:
+        ra, rb = (pl.Series(_lines(p).decode().splitlines()) for p in (a, b))
+    except UnicodeDecodeError:
+        return "binary"
+    if ra.sort().equals(rb.sort()):
+        return "same rows, different order"
+    only_a = ra.filter(~ra.is_in(rb.implode())).len()
+    only_b = rb.filter(~rb.is_in(ra.implode())).len()
+    return f"{only_a} rows only in pipeline, {only_b} only in duckdb"
+
+
+# --------------------------------------------------------------------------------------------
+# Per-stage profile (in process, stages wrapped from the outside)
+# --------------------------------------------------------------------------------------------
+
+
+class RssSampler:
+    """Polls this process's RSS so each stage can report the peak seen while it ran."""
+
+    def __init__(self, interval: float = 0.02) -> None:
+        self.proc = psutil.Process()
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+            time.sleep(self.interval)
+
+    def reset(self) -> None:
+        self.peak = self.proc.memory_info().rss
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+@dataclass
+class StageStats:
+    seconds: float = 0.0
+    calls: int = 0
+    peak_rss_mb: float = 0.0
+
+
+def profile_stages(config_path: Path, env: dict[str, str]) -> tuple[dict[str, StageStats], float]:
+    """Run the pipeline in process; wall time and peak RSS per stage."""
+    import pipeline.run as run_mod
+    import pipeline.snapshot as snapshot_mod
+    from pipeline.config import load_config
+    from pipeline.stages import join, publish, resolve
+
+    stats: dict[str, StageStats] = {}
+    sampler = RssSampler()
+
+    def wrap(owner: object, attr: str, stage: str, eager: bool = False) -> None:
+        original = getattr(owner, attr, None)
+        if original is None:
+            print(f"profile: {owner}.{attr} not found; stage {stage!r} not measured",
+                  file=sys.stderr)
+            return
+
+        def timed(*args, **kwargs):
+            sampler.reset()
+            start = time.perf_counter()
+            result = original(*args, **kwargs)
+            if eager and isinstance(result, pl.LazyFrame):
+                # run.py collects right after this call: collect here so the stage is timed.
+                result = result.collect().lazy()
+            s = stats.setdefault(stage, StageStats())
+            s.seconds += time.perf_counter() - start
+            s.calls += 1
+            s.peak_rss_mb = max(s.peak_rss_mb, sampler.peak / 2**20)
+            return result
+
+        setattr(owner, attr, timed)
+
+    wrap(run_mod, "read_delivery", "1 ingest: read + gunzip + md5 + split lines")
+    wrap(resolve, "resolve", "2 parse + resolve (decrypt, normalize, sha256)", eager=True)
+    wrap(run_mod, "_quarantine", "3 quarantine write")
+    wrap(snapshot_mod.Snapshots, "profiles", "4 snapshot load + profile keys (phones...)")
+    wrap(join, "profile_keys", "5 profile key table (per feed kind)", eager=True)
+    wrap(join, "match", "6 join", eager=True)
+    wrap(join, "audience", "7 audience (merge segments)", eager=True)
+    wrap(publish, "campaign_list", "8 publish: build campaign CSV")
+    wrap(publish, "aam_inbound", "9 publish: build AAM inbound (+gzip)")
+    wrap(publish, "write_outputs", "10 publish: write files + manifest")
+    config = load_config(config_path, env)
+    with sampler:
+        start = time.perf_counter()
+        report = run_mod.execute(config, run_mod.RunOptions())
+        total = time.perf_counter() - start
+    if report.exit_code() != 0:
+        print(f"profile: pipeline exit code {report.exit_code()}", file=sys.stderr)
+    return stats, total
+
+
+# --------------------------------------------------------------------------------------------
+# Main
+# --------------------------------------------------------------------------------------------
+
+
+def _fmt_table(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in
+                       enumerate(zip(r, widths, strict=True))) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--lines", type=int, required=True, help="lines of the email feed")
+    parser.add_argument("--profiles", type=int, default=1_000_000)
+    parser.add_argument("--files", type=int, default=2, help="split files per delivery")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--data", type=Path, default=Path("bench-data"))
+    parser.add_argument("--keep", action="store_true", help="keep the runs' outputs")
+    parser.add_argument("--profile-stages", action="store_true",
+                        help="also run the pipeline in process and time each stage")
+    parser.add_argument("--sides", default="pipeline,duckdb",
+                        help="comma list of sides to run: pipeline, duckdb (default both)")
+    parser.add_argument("--profile-config", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.profile_config:  # child of --profile-stages: a fresh process, nothing else in it
+        stats, total = profile_stages(args.profile_config, dict(os.environ))
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(json.dumps({"stages": {k: asdict(v) for k, v in stats.items()},
+                          "total": total, "peak_rss_mb": peak}))
+        return 0
+    sides = set(args.sides.split(","))
+
+    spec = GenerateSpec(lines=args.lines, profiles=args.profiles, files=args.files,
+                        seed=args.seed)
+    folder, data, gen_seconds = dataset(args.data.resolve(), spec)
+    rows = input_lines(data)
+    gen_note = f"generated in {gen_seconds:.1f} s" if gen_seconds is not None else "reused"
+    print(f"data: {folder} ({rows:,} input lines, {args.profiles:,} profiles; {gen_note})")
+    env = {**os.environ, data["key_env"]: data["key_hex"]}
+
+    results: list[Measured] = []
+    dirs = {side: folder / "runs" / side for side in ("pipeline", "duckdb")}
+    runners: dict[str, Callable[[Path, Path, dict[str, str]], Measured]] = {
+        "pipeline": run_pipeline, "duckdb": run_reference}
+    for side in ("pipeline", "duckdb"):
+        if side in sides:
+            config = write_config(dirs[side], data)
+            results.append(runners[side](dirs[side], config, env))
+            m = results[-1]
+            print(f"{side}: {m.wall_s:.1f} s, peak RSS {m.peak_rss_mb:,.0f} MB, exit {m.exit_code}")
+
+    table = [["side", "wall s", "rows/s", "peak RSS MB", "exit"]]
+    for m in results:
+        table.append([m.side, f"{m.wall_s:.1f}", f"{rows / m.wall_s:,.0f}",
+                      f"{m.peak_rss_mb:,.0f}", str(m.exit_code)])
+    print()
+    print(_fmt_table(table))
+    record: dict = {"lines": args.lines, "profiles": args.profiles, "files": args.files,
+                    "input_lines": rows, "runs": [asdict(m) | {"report": None} for m in results]}
+    if len(results) == 2:
+        p, d = results
+        print(f"\nratio pipeline/duckdb: wall {p.wall_s / d.wall_s:.2f}, "
+              f"peak RSS {p.peak_rss_mb / d.peak_rss_mb:.2f}")
+        problems = compare(dirs["pipeline"], dirs["duckdb"], p.report, d.report)
+        identical = not problems and p.exit_code == 0 and d.exit_code == 0
+        print(f"outputs identical: {'yes' if identical else 'NO'}")
+        for problem in problems:
+            print(f"  - {problem}")
+        record |= {"wall_ratio": p.wall_s / d.wall_s, "identical": identical,
+                   "problems": problems}
+    for m in results:
+        if m.side == "duckdb" and m.report.get("steps"):
+            steps = ", ".join(f"{k} {v:.1f}" for k, v in m.report["steps"].items())
+            print(f"duckdb steps (s): {steps}")
+            record["duckdb_steps"] = m.report["steps"]
+
+    if args.profile_stages:
+        run_dir = folder / "runs" / "profile"
+        config = write_config(run_dir, data)
+        cmd = [sys.executable, __file__, "--lines", str(args.lines), "--profile-config",
+               str(config)]
+        with open(run_dir / "stderr.log", "wb") as log:
+            child = subprocess.run(cmd, env=env, cwd=ROOT, check=True,  # noqa: S603
+                                   stdout=subprocess.PIPE, stderr=log)
+        result = json.loads(child.stdout)
+        stats = {k: StageStats(**v) for k, v in result["stages"].items()}
+        total = result["total"]
+        measured = sum(s.seconds for s in stats.values())
+        table = [["stage", "calls", "seconds", "share", "peak RSS MB"]]
+        for name, s in sorted(stats.items(), key=lambda kv: int(kv[0].split()[0])):
+            table.append([name, str(s.calls), f"{s.seconds:.1f}", f"{s.seconds / total:.0%}",
+                          f"{s.peak_rss_mb:,.0f}"])
+        table.append(["other (ledger, report, counts, ...)", "", f"{total - measured:.1f}",
+                      f"{(total - measured) / total:.0%}", ""])
+        table.append(["total (in process)", "", f"{total:.1f}", "100%",
+                      f"{result['peak_rss_mb']:,.0f}"])
+        print("\npipeline stages (in process):")
+        print(_fmt_table(table))
+        record["stages"] = result
+
+    with open(args.data / "results.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+    if not args.keep:
+        shutil.rmtree(folder / "runs", ignore_errors=True)
+    return 0 if record.get("identical", True) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
