@@ -105,6 +105,7 @@ def parse_config(
     dests = tuple(_destination(d, i, base_dir) for i, d in enumerate(dests_raw))
     _unique([f.name for f in feeds], "feeds")
     _unique([d.name for d in dests], "destinations")
+    _check_export_targets(feeds, dests)
     country = _opt(profiles, "profiles", "default_country", str)
     return Config(
         state=_location(state, "state", "location", base_dir),
@@ -114,6 +115,15 @@ def parse_config(
         destinations=dests,
         source_path=source_path,
     )
+
+
+def _check_export_targets(feeds: tuple[FeedConfig, ...],
+                          dests: tuple[DestinationConfig, ...]) -> None:
+    """An export feed needs somewhere to go: an aam_inbound destination with `audiences`."""
+    exports = [f.name for f in feeds if f.kind == "campaign_export"]
+    if exports and not any(d.kind == "aam_inbound" and d.audiences for d in dests):
+        raise ConfigError(f"feeds.{exports[0]}.kind: campaign_export needs an aam_inbound "
+                          "destination with an `audiences` table")
 
 
 def _feed(raw: Any, i: int, env: Mapping[str, str], base_dir: Path) -> FeedConfig:

@@ -450,7 +450,7 @@ def _check_names(store: Store, dest: DestinationConfig, key: publish.DeliveryKey
     """Names are unique per (destination, delivery): refuse to replace another delivery's
     file. Our own files (in our manifest, or left whole by a crash before the manifest and
     so byte-identical) may be rewritten."""
-    manifest = f"_manifests/{key.feed}/{key.root}.json"  # as publish.write_outputs writes it
+    manifest = publish.manifest_path(key)
     own = set(json.loads(store.read_bytes(manifest)).get("files", {})) \
         if store.exists(manifest) else set()
     for path, data in out.files:

@@ -100,28 +100,33 @@ def write_outputs(store: Store, dest: DestinationConfig, key: DeliveryKey,
                   out: Output) -> list[str]:
     """Write files atomically, drop files a previous run wrote that this run did not, then
     the manifest last (a reader who trusts manifests never sees a partial delivery)."""
-    manifest_path = f"_manifests/{key.feed}/{key.root}.json"
-    previous = _previous_files(store, manifest_path)
+    manifest = manifest_path(key)
+    previous = _previous_files(store, manifest)
     written = []
     for path, data in out.files:
         store.write_bytes(path, data)
         written.append(path)
     for stale in sorted(set(previous) - set(written)):
         store.delete(stale)
-    manifest = {
+    listing = {
         "destination": dest.name, "feed": key.feed, "delivery": key.root, "rows": out.rows,
         "files": {p: hashlib.md5(d).hexdigest() for p, d in out.files},  # noqa: S324
     }
-    store.write_bytes(manifest_path, json.dumps(manifest, sort_keys=True, indent=1).encode())
+    store.write_bytes(manifest, json.dumps(listing, sort_keys=True, indent=1).encode())
     log.info("destination=%s delivery_files=%d rows=%d", dest.name, len(written), out.rows)
     return written
 
 
-def _previous_files(store: Store, manifest_path: str) -> list[str]:
-    if not store.exists(manifest_path):
+def manifest_path(key: DeliveryKey) -> str:
+    """Where the manifest of one delivery's files for a destination lives (written last)."""
+    return f"_manifests/{key.feed}/{key.root}.json"
+
+
+def _previous_files(store: Store, path: str) -> list[str]:
+    if not store.exists(path):
         return []
     try:
-        return list(json.loads(store.read_bytes(manifest_path)).get("files", {}))
+        return list(json.loads(store.read_bytes(path)).get("files", {}))
     except ValueError:
         return []
 
