@@ -136,14 +136,24 @@ class Measured:
     peak_rss_mb: float
     exit_code: int
     report: dict
+    killed_over_mb: int | None = None  # set when the RSS guard stopped the run
 
 
-def measure(side: str, cmd: list[str], run_dir: Path, env: dict[str, str]) -> Measured:
-    """Run `cmd`; wall time and the peak RSS of that child alone (wait4 rusage)."""
+def measure(side: str, cmd: list[str], run_dir: Path, env: dict[str, str],
+            rss_limit_mb: int | None = None) -> Measured:
+    """Run `cmd`; wall time and the peak RSS of that child alone (wait4 rusage).
+
+    With `rss_limit_mb`, a watcher kills the child (by its pid) once its RSS passes the
+    limit, so a run that does not scale cannot exhaust a shared machine.
+    """
     out, err = run_dir / "stdout.json", run_dir / "stderr.log"
+    killed = threading.Event()
     with open(out, "wb") as stdout, open(err, "wb") as stderr:
         start = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=stdout, stderr=stderr, env=env, cwd=ROOT)  # noqa: S603
+        if rss_limit_mb:
+            threading.Thread(target=_guard, args=(proc.pid, rss_limit_mb, killed),
+                             daemon=True).start()
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - start
         proc.returncode = os.waitstatus_to_exitcode(status)
@@ -155,19 +165,29 @@ def measure(side: str, cmd: list[str], run_dir: Path, env: dict[str, str]) -> Me
         tail = err.read_text(errors="replace").strip().splitlines()[-5:]
         print(f"{side}: exit code {proc.returncode}; stderr tail:\n  " + "\n  ".join(tail),
               file=sys.stderr)
-    return Measured(side, wall, usage.ru_maxrss / 1024, proc.returncode, report)
+    return Measured(side, wall, usage.ru_maxrss / 1024, proc.returncode, report,
+                    rss_limit_mb if killed.is_set() else None)
 
 
-def run_pipeline(run_dir: Path, config: Path, env: dict[str, str]) -> Measured:
-    cmd = [sys.executable, str(ROOT / "run_pipeline.py"), "run", "--config", str(config),
-           "--json"]
-    return measure("pipeline", cmd, run_dir, env)
+def _guard(pid: int, limit_mb: int, killed: threading.Event) -> None:
+    try:
+        child = psutil.Process(pid)
+        while child.is_running() and child.status() != psutil.STATUS_ZOMBIE:
+            if child.memory_info().rss > limit_mb * 2**20:
+                killed.set()
+                child.kill()
+                return
+            time.sleep(0.1)
+    except psutil.NoSuchProcess:
+        return
 
 
-def run_reference(run_dir: Path, config: Path, env: dict[str, str]) -> Measured:
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "duckdb_reference.py"), "--config",
-           str(config), "--json"]
-    return measure("duckdb", cmd, run_dir, env)
+def side_command(side: str, config: Path) -> list[str]:
+    if side == "pipeline":
+        return [sys.executable, str(ROOT / "run_pipeline.py"), "run", "--config", str(config),
+                "--json"]
+    return [sys.executable, str(ROOT / "benchmarks" / "duckdb_reference.py"), "--config",
+            str(config), "--json"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -276,7 +296,8 @@ def profile_stages(config_path: Path, env: dict[str, str]) -> tuple[dict[str, St
     stats: dict[str, StageStats] = {}
     sampler = RssSampler()
 
-    def wrap(owner: object, attr: str, stage: str, eager: bool = False) -> None:
+    def wrap(owner: object, attr: str, stage: str, eager: bool = False,
+             label: Callable[..., str] | None = None) -> None:
         original = getattr(owner, attr, None)
         if original is None:
             print(f"profile: {owner}.{attr} not found; stage {stage!r} not measured",
@@ -290,7 +311,8 @@ def profile_stages(config_path: Path, env: dict[str, str]) -> tuple[dict[str, St
             if eager and isinstance(result, pl.LazyFrame):
                 # run.py collects right after this call: collect here so the stage is timed.
                 result = result.collect().lazy()
-            s = stats.setdefault(stage, StageStats())
+            name = f"{stage} [{label(*args, **kwargs)}]" if label else stage
+            s = stats.setdefault(name, StageStats())
             s.seconds += time.perf_counter() - start
             s.calls += 1
             s.peak_rss_mb = max(s.peak_rss_mb, sampler.peak / 2**20)
@@ -299,7 +321,8 @@ def profile_stages(config_path: Path, env: dict[str, str]) -> tuple[dict[str, St
         setattr(owner, attr, timed)
 
     wrap(run_mod, "read_delivery", "1 ingest: read + gunzip + md5 + split lines")
-    wrap(resolve, "resolve", "2 parse + resolve (decrypt, normalize, sha256)", eager=True)
+    wrap(resolve, "resolve", "2 parse + resolve", eager=True,
+         label=lambda parsed, feed, *rest, **kw: feed.name)
     wrap(run_mod, "_quarantine", "3 quarantine write")
     wrap(snapshot_mod.Snapshots, "profiles", "4 snapshot load + profile keys (phones...)")
     wrap(join, "profile_keys", "5 profile key table (per feed kind)", eager=True)
@@ -323,6 +346,18 @@ def profile_stages(config_path: Path, env: dict[str, str]) -> tuple[dict[str, St
 # --------------------------------------------------------------------------------------------
 
 
+def _code_version() -> str:
+    """Commit of the measured code, `+dirty` when pipeline/ or benchmarks/ have changes."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,  # noqa: S607
+                              capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "pipeline", "benchmarks"],  # noqa: S607
+                               cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+dirty" if dirty.strip() else "")
+
+
 def _fmt_table(rows: list[list[str]]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in
@@ -342,7 +377,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile-stages", action="store_true",
                         help="also run the pipeline in process and time each stage")
     parser.add_argument("--sides", default="pipeline,duckdb",
-                        help="comma list of sides to run: pipeline, duckdb (default both)")
+                        help="comma list of sides to run: pipeline, duckdb (default both); "
+                             "'none' with --profile-stages runs only the stage profile")
+    parser.add_argument("--rss-limit-mb", type=int,
+                        help="kill a side whose RSS passes this (protects a shared machine)")
     parser.add_argument("--profile-config", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.profile_config:  # child of --profile-stages: a fresh process, nothing else in it
@@ -358,28 +396,31 @@ def main(argv: list[str] | None = None) -> int:
     folder, data, gen_seconds = dataset(args.data.resolve(), spec)
     rows = input_lines(data)
     gen_note = f"generated in {gen_seconds:.1f} s" if gen_seconds is not None else "reused"
-    print(f"data: {folder} ({rows:,} input lines, {args.profiles:,} profiles; {gen_note})")
+    print(f"data: {folder} ({rows:,} input lines, {args.profiles:,} profiles; {gen_note}); "
+          f"code {_code_version()}")
     env = {**os.environ, data["key_env"]: data["key_hex"]}
 
     results: list[Measured] = []
     dirs = {side: folder / "runs" / side for side in ("pipeline", "duckdb")}
-    runners: dict[str, Callable[[Path, Path, dict[str, str]], Measured]] = {
-        "pipeline": run_pipeline, "duckdb": run_reference}
     for side in ("pipeline", "duckdb"):
         if side in sides:
             config = write_config(dirs[side], data)
-            results.append(runners[side](dirs[side], config, env))
-            m = results[-1]
-            print(f"{side}: {m.wall_s:.1f} s, peak RSS {m.peak_rss_mb:,.0f} MB, exit {m.exit_code}")
+            m = measure(side, side_command(side, config), dirs[side], env, args.rss_limit_mb)
+            results.append(m)
+            guard = f" (killed: RSS passed {m.killed_over_mb:,} MB)" if m.killed_over_mb else ""
+            print(f"{side}: {m.wall_s:.1f} s, peak RSS {m.peak_rss_mb:,.0f} MB, "
+                  f"exit {m.exit_code}{guard}")
 
     table = [["side", "wall s", "rows/s", "peak RSS MB", "exit"]]
     for m in results:
         table.append([m.side, f"{m.wall_s:.1f}", f"{rows / m.wall_s:,.0f}",
                       f"{m.peak_rss_mb:,.0f}", str(m.exit_code)])
-    print()
-    print(_fmt_table(table))
+    if results:
+        print()
+        print(_fmt_table(table))
     record: dict = {"lines": args.lines, "profiles": args.profiles, "files": args.files,
-                    "input_lines": rows, "runs": [asdict(m) | {"report": None} for m in results]}
+                    "input_lines": rows, "code": _code_version(),
+                    "runs": [asdict(m) | {"report": None} for m in results]}
     if len(results) == 2:
         p, d = results
         print(f"\nratio pipeline/duckdb: wall {p.wall_s / d.wall_s:.2f}, "

@@ -160,12 +160,14 @@ def _b64(text: str) -> bytes | None:
 # --------------------------------------------------------------------------------------------
 
 
-def gcm_decryptor(key: bytes) -> Callable[[str], str | None]:
+def gcm_decryptor(key: bytes, min_plain: int = 0) -> Callable[[str], str | None]:
+    """Token -> plaintext or None. With `min_plain`, tokens too short to hold a valid ID
+    are skipped without trying AES (used under `auto`, where only a valid ID counts)."""
     aead = AESGCM(key)
 
     def one(token: str) -> str | None:
         raw = _b64(token)
-        if raw is None or len(raw) < 28:
+        if raw is None or len(raw) < 28 + min_plain:
             return None
         try:
             return aead.decrypt(raw[:12], raw[12:], None).decode("utf-8")
@@ -191,7 +193,7 @@ def map_in_python(con: duckdb.DuckDBPyConnection, query: str, name: str,
                   func: Callable[..., str | None]) -> None:
     """Register `name(v..., out)`: `func` over the rows of `query` (distinct values),
     streamed in Arrow record batches so Python never holds all values at once."""
-    reader = con.execute(query).to_arrow_reader(BATCH)
+    reader = con.sql(query).to_arrow_reader(BATCH)
     batches = []
     for batch in reader:
         columns = [batch.column(i).to_pylist() for i in range(batch.num_columns)]
@@ -343,50 +345,57 @@ def read_lines(con: duckdb.DuckDBPyConnection, d: Delivery) -> None:
 
 
 def resolve(con: duckdb.DuckDBPyConnection, feed: Feed) -> None:
-    """`resolved`: parsed rows with `key` (SHA-256 hex) and `reject` (reason or NULL)."""
-    ok = "p.format_error IS NULL"
-    decrypted = "NULL"
-    join = ""
+    """`resolved`: parsed rows with `key` (SHA-256 hex) and `reject` (reason or NULL).
+
+    `auto` per row, as the pipeline does it: a value that decrypts to a valid ID is
+    encrypted (even when it has a hash's shape); else a hash shape is a hash; else plain.
+    """
+    join, decrypted = "", None
     if feed.encoding in ("encrypted", "auto"):
-        shape = "regexp_full_match(strip_ws(user_id), '[A-Za-z0-9+/_-]+={0,2}') " \
-                "AND length(strip_ws(user_id)) >= 38"
-        if feed.encoding == "auto":
-            shape += " AND incoming_hash(user_id) IS NULL"
+        shape = ("regexp_full_match(strip_ws(user_id), '[A-Za-z0-9+/_-]+={0,2}') "
+                 "AND length(strip_ws(user_id)) >= 38")
+        min_plain = MIN_ID_BYTES[feed.kind] if feed.encoding == "auto" else 0
         with step("decrypt (python)"):
             map_in_python(con, f"SELECT DISTINCT user_id AS v FROM parsed "
                           f"WHERE format_error IS NULL AND {shape}", "dec",
-                          gcm_decryptor(feed.key))
+                          gcm_decryptor(feed.key, min_plain))
         join += " LEFT JOIN dec ON dec.v = p.user_id"
         decrypted = "dec.out"
     if feed.kind == "phone":
-        source = f"CASE WHEN {decrypted} IS NOT NULL THEN {decrypted} ELSE p.user_id END" \
-            if feed.encoding != "plain" else "p.user_id"
+        values = "SELECT strip_ws(user_id) FROM parsed WHERE format_error IS NULL"
+        if decrypted:
+            values += " UNION SELECT strip_ws(out) FROM dec WHERE out IS NOT NULL"
         with step("phone parse (python)"):
-            map_in_python(con, f"SELECT DISTINCT strip_ws({source}) AS v, "
-                          f"'{feed.country}' AS region FROM parsed p{join} "
-                          "WHERE p.format_error IS NULL", "ph", e164)
-        join += f" LEFT JOIN ph ON ph.v = strip_ws({source})"
-    plain_key = _plain_key(feed.kind, "p.user_id", "ph.out")
-    dec_key = _plain_key(feed.kind, decrypted, "ph.out")
-    if feed.encoding == "plain":
-        key = plain_key
-    elif feed.encoding == "sha256":
-        key = "p.h"
-    elif feed.encoding == "encrypted":
-        key = dec_key
-    else:
-        key = (f"CASE WHEN p.h IS NOT NULL THEN p.h "
-               f"WHEN {decrypted} IS NOT NULL THEN {dec_key} ELSE {plain_key} END")
-    decrypt_failed = f"{decrypted} IS NULL" if feed.encoding == "encrypted" else "false"
-    hashed = "incoming_hash(user_id)" if feed.encoding in ("sha256", "auto") else "NULL"
+            map_in_python(con, f"SELECT DISTINCT v, '{feed.country}' AS region "
+                          f"FROM ({values}) t(v)", "ph", e164)
+        join += " LEFT JOIN ph AS ph_u ON ph_u.v = strip_ws(p.user_id)"
+        if decrypted:
+            join += f" LEFT JOIN ph AS ph_d ON ph_d.v = strip_ws({decrypted})"
+    norm_user = _normalized(feed.kind, "p.user_id", "ph_u.out")
+    norm_dec = _normalized(feed.kind, decrypted, "ph_d.out") if decrypted else "NULL"
+    key = {
+        "plain": "sha256(norm_user)",
+        "sha256": "h",
+        "encrypted": "sha256(norm_dec)",
+        "auto": "CASE WHEN norm_dec IS NOT NULL THEN sha256(norm_dec) WHEN h IS NOT NULL THEN h "
+                "ELSE sha256(norm_user) END",
+    }[feed.encoding]
+    decrypt_failed = "dec_out IS NULL" if feed.encoding == "encrypted" else "false"
+    hashed = "incoming_hash(p.user_id)" if feed.encoding in ("sha256", "auto") else "NULL"
     with step("resolve (sql)"):
         con.execute(f"""
         CREATE OR REPLACE TEMP TABLE resolved AS
-        WITH k AS (
+        WITH n AS (
             SELECT p.file_seq, p.line_no, p.line, p.format_error, p.added, p.removed,
-                   CASE WHEN {ok} THEN {key} END AS key,
-                   CASE WHEN {ok} THEN {decrypt_failed} END AS decrypt_failed
-            FROM (SELECT *, {hashed} AS h FROM parsed) p{join}
+                   {decrypted or "NULL"} AS dec_out, {hashed} AS h,
+                   {norm_user} AS norm_user, {norm_dec} AS norm_dec
+            FROM parsed p{join} WHERE p.format_error IS NULL
+        ), k AS (
+            SELECT *, {key} AS key, {decrypt_failed} AS decrypt_failed FROM n
+            UNION ALL
+            SELECT file_seq, line_no, line, format_error, added, removed, NULL, NULL, NULL,
+                   NULL, NULL, NULL
+            FROM parsed WHERE format_error IS NOT NULL
         )
         SELECT file_seq, line_no, added, removed,
             CASE WHEN format_error IS NOT NULL THEN format_error
@@ -399,11 +408,16 @@ def resolve(con: duckdb.DuckDBPyConnection, feed: Feed) -> None:
     con.execute("DROP TABLE IF EXISTS dec; DROP TABLE IF EXISTS ph; DROP TABLE parsed")
 
 
-def _plain_key(kind: str, value: str, phone: str) -> str:
+# Shortest valid ID of each kind in bytes (x@y.z; 38 digits; phones and CRM IDs are left to
+# their parsers).
+MIN_ID_BYTES = {"email": 5, "ecid": 38, "phone": 1, "crm": 1}
+
+
+def _normalized(kind: str, value: str, phone: str) -> str:
+    """SQL for the normalized ID (NULL when invalid); phones come from the Python map."""
     if kind == "phone":
-        return f"sha256({phone})"
-    norm = {"email": "email_norm", "ecid": "ecid_norm", "crm": "crm_norm"}[kind]
-    return f"sha256({norm}({value}))"
+        return phone
+    return {"email": "email_norm", "ecid": "ecid_norm", "crm": "crm_norm"}[kind] + f"({value})"
 
 
 # --------------------------------------------------------------------------------------------

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import io
 import logging
 import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
+from pathlib import Path
 
-import polars as pl
-
-from pipeline.config import Config, DestinationConfig, FeedConfig
+from pipeline.config import Config, FeedConfig
+from pipeline.delivery import process_delivery
 from pipeline.errors import (
     DeliveryFailed,
     FatalError,
@@ -24,8 +23,8 @@ from pipeline.ledger import Ledger, LedgerEntry
 from pipeline.lock import StateLock
 from pipeline.report import DeliveryReport, RunReport
 from pipeline.snapshot import Snapshots, make_workdir
-from pipeline.stages import export, join, publish, resolve
-from pipeline.stages.ingest import Delivery, entry_md5s, find_deliveries, read_delivery
+from pipeline.stages import export
+from pipeline.stages.ingest import Delivery, entry_md5s, find_deliveries
 from pipeline.stores import Store, open_store
 
 log = logging.getLogger(__name__)
@@ -52,6 +51,7 @@ class Context:
     ledger: Ledger
     snapshots: Snapshots
     targets: dict[str, Store]
+    workdir: Path
 
 
 def execute(config: Config, options: RunOptions, now: datetime | None = None,
@@ -72,7 +72,8 @@ def execute(config: Config, options: RunOptions, now: datetime | None = None,
         stores.append(snapshots)  # type: ignore[arg-type]  # has close()
         targets = {d.name: _keep(stores, open_store(d.target.url, d.target.options))
                    for d in config.destinations}
-        ctx = Context(config, options, run_id, state, Ledger(state), snapshots, targets)
+        ctx = Context(config, options, run_id, state, Ledger(state), snapshots, targets,
+                      Path(workdir))
         for feed in config.feeds:
             source = _keep(stores, open_store(feed.source.url, feed.source.options))
             if feed.kind == "campaign_export":
@@ -123,7 +124,7 @@ def process(ctx: Context, feed: FeedConfig, source: Store, delivery: Delivery) -
             log.warning("feed=%s delivery=%s changed_after_processing", feed.name, delivery.root)
         return rep
     try:
-        _with_retries(lambda: _process_complete(ctx, feed, source, delivery, rep),
+        _with_retries(lambda: _attempt(ctx, feed, source, delivery, rep),
                       ctx.options.retry_delays, delivery.root)
     except (IncompleteDelivery, DeliveryFailed, TransientError) as exc:
         rep.status = "incomplete" if isinstance(exc, IncompleteDelivery) else "failed"
@@ -151,80 +152,19 @@ def _with_retries(step: Callable[[], None], delays: tuple[float, ...], what: str
             time.sleep(delay)
 
 
-def _reprocess(ctx: Context) -> bool:
-    return ctx.options.force or ctx.options.command == "backfill"
-
-
-def _process_complete(ctx: Context, feed: FeedConfig, source: Store, delivery: Delivery,
-                      rep: DeliveryReport) -> None:
-    rep.outputs.clear()  # a retry starts from scratch
-    rep.rows_written.clear()
-    rep.unmapped_segments.clear()
-    rep.missing_ids.clear()
-    lines = read_delivery(source, delivery)
-    parsed = resolve.parse(lines.lazy())
-    resolved = resolve.resolve(parsed, feed, ctx.config.default_country).collect()
-    rep.records_received = resolved.height
-    for name, value in resolve.count_rejects(resolved).items():
-        setattr(rep, name, value)
-    if rep.rejected:
-        _quarantine(ctx, feed, delivery, resolved)
-    _, profiles = ctx.snapshots.profiles(delivery.date)
-    keys = join.profile_keys(profiles.lazy(), feed.kinds)
-    joined = join.match(resolved.lazy(), keys).collect()
-    for name, value in join.count_matches(joined).items():
-        setattr(rep, name, value)
-    ratio = rep.rejected / rep.records_received if rep.records_received else 0.0
-    if ratio > feed.max_reject_ratio:
-        raise DeliveryFailed(f"reject ratio {ratio:.4f} exceeds max_reject_ratio "
-                             f"{feed.max_reject_ratio} ({rep.rejected} of {rep.records_received} "
-                             "records rejected; see quarantine)")
-    audience = join.audience(joined.lazy()).collect()
-    key = publish.DeliveryKey(feed.name, delivery.root,
-                              publish.timestamp_seconds(delivery.timestamp_ms, rep.date))
-    for dest in ctx.config.destinations:
-        if dest.kind == "aam_inbound" and not dest.traits:
-            continue  # an export-only destination (audiences table, no segments)
-        out = _build(dest, audience, joined, profiles, key)
-        rep.rows_written[dest.name] = out.rows
-        if out.unmapped_segments:
-            rep.unmapped_segments[dest.name] = out.unmapped_segments
-        if out.missing_id:
-            rep.missing_ids[dest.name] = out.missing_id
-        if ctx.options.dry_run:
-            rep.outputs += [f"{dest.name}:{p}" for p, _ in out.files]
-        else:
-            written = publish.write_outputs(ctx.targets[dest.name], dest, key, out)
-            rep.outputs += [f"{dest.name}:{p}" for p in written]
+def _attempt(ctx: Context, feed: FeedConfig, source: Store, delivery: Delivery,
+             rep: DeliveryReport) -> None:
+    fresh = DeliveryReport(feed=rep.feed, delivery=rep.delivery, date=rep.date)
+    rep.__dict__.update(fresh.__dict__)  # a retry starts from scratch
+    process_delivery(ctx, feed, source, delivery, rep)
     rep.status = "dry_run" if ctx.options.dry_run else "processed"
     log.info("feed=%s delivery=%s status=%s received=%d matched=%d rejected=%d",
              feed.name, delivery.root, rep.status, rep.records_received, rep.matched,
              rep.rejected)
 
 
-def _build(dest: DestinationConfig, audience: pl.DataFrame, joined: pl.DataFrame,
-           profiles: pl.DataFrame, key: publish.DeliveryKey) -> publish.Output:
-    if dest.kind == "campaign_list":
-        return publish.campaign_list(audience, dest, key)
-    if dest.kind == "aam_inbound":
-        return publish.aam_inbound(audience, profiles, dest, key)
-    return publish.contacts(join.unmatched_contacts(joined.lazy()).collect(), dest, key)
-
-
-def _quarantine(ctx: Context, feed: FeedConfig, delivery: Delivery, resolved: pl.DataFrame) -> None:
-    """Rejected lines with file, line number and reason (raw lines stay in the state store)."""
-    if ctx.options.dry_run:
-        return
-    names = pl.DataFrame({
-        "file_seq": pl.Series(range(1, len(delivery.files) + 1), dtype=pl.UInt32),
-        "file": [f.name.path for f in delivery.files],
-    })
-    rejected = (resolved.filter(pl.col("reject").is_not_null())
-                .join(names, on="file_seq", how="left")
-                .select("file", "line_no", reason="reject", line="line"))
-    buf = io.BytesIO()
-    rejected.write_csv(buf)
-    ctx.state.write_bytes(f"quarantine/{feed.name}/{delivery.root}.csv", buf.getvalue())
+def _reprocess(ctx: Context) -> bool:
+    return ctx.options.force or ctx.options.command == "backfill"
 
 
 def _record(ctx: Context, rep: DeliveryReport, delivery: Delivery) -> None:

@@ -13,7 +13,8 @@ import polars as pl
 
 from pipeline.config import Location
 from pipeline.errors import FatalError, SchemaError
-from pipeline.stages.join import profile_table
+from pipeline.spill import Spill, key_bucket, text_bucket
+from pipeline.stages.join import profile_keys, profile_table, unique_keys
 from pipeline.stores import open_store
 from pipeline.tables import check_columns, check_rows
 
@@ -30,6 +31,9 @@ class Snapshots:
         self.workdir = workdir
         self._cache: dict[str, pl.DataFrame] = {}
         self._store, self._files = _open(location)
+        self._spill = Spill(os.path.join(workdir, "profiles"))
+        self._normalized: dict[tuple, int] = {}  # (label, kinds) -> profile count
+        self._indexes: dict[tuple, ProfileIndex] = {}
 
     def profiles(self, as_of: date | None) -> tuple[str, pl.DataFrame]:
         """(partition label, normalized profile table) for the latest snapshot <= as_of."""
@@ -39,6 +43,50 @@ class Snapshots:
             self._cache[label] = _load(local, self.location.url, self.default_country)
             log.info("snapshot=%s profiles=%d", label or "single", self._cache[label].height)
         return label, self._cache[label]
+
+    def size(self, as_of: date | None) -> int:
+        """Profile count of the as-of snapshot (Parquet metadata only)."""
+        label, paths = _choose(self._files, as_of, self.location.url)
+        local = [self._fetch(p) for p in paths]
+        return _scan(local, self.location.url).select(pl.len()).collect().item()
+
+    def index(self, as_of: date | None, kinds: tuple[str, ...], buckets: int) -> ProfileIndex:
+        """Profile keys (by key bucket) and DPUUID attributes (by profile bucket), on disk.
+
+        The snapshot is normalized once per (partition, kinds) in slices, so memory stays
+        bounded by the slice size, and re-bucketed cheaply for another bucket count.
+        """
+        label, paths = _choose(self._files, as_of, self.location.url)
+        base = (label, kinds)
+        if base not in self._normalized:
+            self._normalized[base] = self._normalize(label, paths, kinds)
+        ikey = (label, kinds, buckets)
+        if ikey not in self._indexes:
+            self._indexes[ikey] = self._bucketize(label, kinds, buckets)
+        return self._indexes[ikey]
+
+    def _normalize(self, label: str, paths: list[str], kinds: tuple[str, ...]) -> int:
+        scan = _checked_scan([self._fetch(p) for p in paths], self.location.url)
+        total = scan.select(pl.len()).collect().item()
+        name = _name("normalized", label, kinds)
+        for offset in range(0, max(total, 1), SLICE_ROWS):
+            table = profile_table(scan.slice(offset, SLICE_ROWS), self.default_country,
+                                  kinds)
+            self._spill.write(name, table.collect())
+        log.info("snapshot=%s profiles=%d kinds=%s", label or "single", total, ",".join(kinds))
+        return total
+
+    def _bucketize(self, label: str, kinds: tuple[str, ...], buckets: int) -> ProfileIndex:
+        keys_name = _name("keys", label, kinds, buckets)
+        attrs_name = _name("attrs", label, kinds, buckets)
+        for part in self._spill.parts(_name("normalized", label, kinds)):
+            source = pl.scan_parquet(part)
+            keys = profile_keys(source, kinds).with_columns(_b=key_bucket(pl.col("key"), buckets))
+            self._spill.write(keys_name, keys.collect(), bucket="_b")
+            attrs = source.select(ATTRS).with_columns(
+                _b=text_bucket(pl.col("profile_id"), buckets))
+            self._spill.write(attrs_name, attrs.collect(), bucket="_b")
+        return ProfileIndex(self._spill, keys_name, attrs_name, buckets)
 
     def _fetch(self, path: str) -> str:
         root = getattr(self._store, "root", None)
@@ -84,17 +132,59 @@ def _choose(files: list[str], as_of: date | None, url: str) -> tuple[str, list[s
     return eligible[-1], sorted(parts[eligible[-1]])
 
 
-def _load(paths: list[str], url: str, default_country: str | None) -> pl.DataFrame:
+SLICE_ROWS = 500_000
+ATTRS = ("profile_id", "email_key", "crm_id", "ecid")
+
+
+class ProfileIndex:
+    """One snapshot's profile keys and attributes, split into buckets on local disk."""
+
+    def __init__(self, spill: Spill, keys: str, attrs: str, buckets: int) -> None:
+        self.spill, self.keys_name, self.attrs_name, self.buckets = spill, keys, attrs, buckets
+
+    def keys(self, bucket: int) -> pl.LazyFrame:
+        """(key, matched_on, profile_id, suppressed) of one key bucket, one row per key."""
+        part = self.spill.scan(self.keys_name, bucket)
+        if part is None:
+            return _empty_keys()
+        return unique_keys(part)  # again: a key may repeat across snapshot slices
+
+    def attributes(self, bucket: int) -> pl.LazyFrame:
+        part = self.spill.scan(self.attrs_name, bucket)
+        return part if part is not None else pl.LazyFrame(
+            schema={c: pl.String for c in ATTRS})
+
+
+def _empty_keys() -> pl.LazyFrame:
+    return pl.LazyFrame(schema={"key": pl.String, "matched_on": pl.String,
+                                "profile_id": pl.String, "suppressed": pl.Boolean})
+
+
+def _name(*parts: object) -> str:
+    return "-".join(str(p).replace(",", "_").replace("'", "").replace(" ", "")
+                    .replace("(", "").replace(")", "") for p in parts if p != "")
+
+
+def _scan(paths: list[str], url: str) -> pl.LazyFrame:
     try:
         scan = pl.scan_parquet(paths)
-        schema = scan.collect_schema()
+        scan.collect_schema()
     except (pl.exceptions.PolarsError, OSError) as exc:
         raise SchemaError(f"profile snapshot {url} is not readable Parquet: "
                           f"{type(exc).__name__}") from None
-    present = check_columns(schema, "profiles", f"profile snapshot {url}")
+    return scan
+
+
+def _checked_scan(paths: list[str], url: str) -> pl.LazyFrame:
+    scan = _scan(paths, url)
+    present = check_columns(scan.collect_schema(), "profiles", f"profile snapshot {url}")
     scan = scan.select(present)
     check_rows(scan, "profiles", f"profile snapshot {url}")
-    return profile_table(scan, default_country).collect()
+    return scan
+
+
+def _load(paths: list[str], url: str, default_country: str | None) -> pl.DataFrame:
+    return profile_table(_checked_scan(paths, url), default_country).collect()
 
 
 def partition_of(path: str) -> str | None:

@@ -13,9 +13,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline import run  # noqa: E402
+from pipeline import delivery, run  # noqa: E402
 from pipeline.cli import main  # noqa: E402
-from pipeline.stages import publish, resolve  # noqa: E402
+from pipeline.stages import publish  # noqa: E402
 
 
 def die() -> None:
@@ -42,7 +42,11 @@ def before(func):
 def mid_publish(func):
     def wrapper(store, dest, key, out):
         if out.files:  # first file written in full under its final name, then the crash
-            store.write_bytes(*out.files[0])
+            path, data = out.files[0]
+            if isinstance(data, Path):
+                store.put_file(str(data), path)
+            else:
+                store.write_bytes(path, data)
             die()
         return func(store, dest, key, out)
 
@@ -50,10 +54,10 @@ def mid_publish(func):
 
 
 def install(stage: str) -> None:
-    if stage == "after_ingest":
-        run.read_delivery = after(run.read_delivery)
-    elif stage == "after_resolve":
-        resolve.count_rejects = after(resolve.count_rejects)
+    if stage == "after_ingest":  # pass 1 done: every line parsed, resolved and spilled
+        delivery.ingest = after(delivery.ingest)
+    elif stage == "after_resolve":  # pass 2 done: every key joined to its profile
+        delivery.match = after(delivery.match)
     elif stage == "mid_publish":
         publish.write_outputs = mid_publish(publish.write_outputs)
     elif stage == "before_ledger":

@@ -427,7 +427,8 @@ def _plan(ctx: Context, f: ExportFile, resolved: pl.DataFrame, dests: list[Desti
                                 base.trait_id if base else None, dest.audiences[audience],
                                 ctx.options.full))
         rows = pl.concat(changes)
-        plan.outputs[dest.name] = publish.inbound_files_for(rows, dest, f.timestamp_s)
+        plan.outputs[dest.name] = publish.inbound_files_for(rows, dest, f.timestamp_s,
+                                                             ctx.workdir)
         plan.missing_ids[dest.name] = resolved.lazy().select(missing).collect().item()
         log.info("destination=%s export=%s members=%d changes=%d missing_dpuuid=%d",
                  dest.name, f.root, sum(m.height for m in now.values()), rows.height,

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import logging
 import posixpath
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import date
 
@@ -104,45 +104,94 @@ def _delivery(store: Store, feed: str, folder: str, root: str, files: list[Outbo
     return Delivery(feed, root, folder, tuple(listed), info, problem)
 
 
-def read_delivery(store: Store, delivery: Delivery) -> pl.DataFrame:
-    """All lines of a complete delivery: file_seq, line_no, line (blank lines kept)."""
-    frames = [read_file(store, f, seq) for seq, f in enumerate(delivery.files, start=1)]
-    return pl.concat(frames) if frames else _lines_frame([], 0)
+CHUNK_BYTES = 64 << 20  # text per in-memory chunk: bounds memory whatever the file size
+_BLOCK = 8 << 20
 
 
-def read_file(store: Store, file: DeliveryFile, seq: int) -> pl.DataFrame:
-    raw = store.read_bytes(file.name.path)
+def read_chunks(store: Store, delivery: Delivery,
+                chunk_bytes: int | None = None) -> Iterator[pl.DataFrame]:
+    """Lines of a complete delivery in chunks: file_seq, line_no, line (blank lines kept).
+
+    Size, md5 and line count are checked as each file ends, so a bad file raises only after
+    its earlier chunks were yielded: callers must not publish before the iterator is done.
+    """
+    for seq, file in enumerate(delivery.files, start=1):
+        yield from _file_chunks(store, file, seq, chunk_bytes or CHUNK_BYTES)
+
+
+def _file_chunks(store: Store, file: DeliveryFile, seq: int,
+                 chunk_bytes: int) -> Iterator[pl.DataFrame]:
     base = posixpath.basename(file.name.path)
-    expected = file.expected
-    if len(raw) != file.size:
-        raise IncompleteDelivery(f"{base}: size changed while reading")
-    if expected and expected.md5 and hashlib.md5(raw).hexdigest() != expected.md5:  # noqa: S324
-        raise DeliveryFailed(f"{base}: md5 does not match the control file")
-    data = _gunzip(raw, base) if file.name.gzip else raw
-    text, bad_utf8 = _decode(data)
-    lines = text.split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()  # final line end
-    if expected and expected.line_count is not None and len(lines) != expected.line_count:
-        raise DeliveryFailed(
-            f"{base}: {len(lines)} lines, control file says {expected.line_count}")
+    md5 = hashlib.md5()  # noqa: S324 - AAM's control files use md5
+    size, lines, bad_utf8 = 0, 0, False
+    unzip = _Gunzip(base) if file.name.gzip else None
+    pending = bytearray()
+    with store.open_read(file.name.path) as stream:
+        while block := stream.read(_BLOCK):
+            size += len(block)
+            md5.update(block)
+            pending += unzip.feed(block) if unzip else block
+            cut = pending.rfind(b"\n") + 1 if len(pending) >= chunk_bytes else 0
+            if cut:
+                frame, bad = _frame(bytes(pending[:cut]), seq, lines)
+                del pending[:cut]
+                lines, bad_utf8 = lines + frame.height, bad_utf8 or bad
+                yield frame
+    if unzip:
+        unzip.finish()
+    if pending:
+        frame, bad = _frame(bytes(pending) + (b"" if pending.endswith(b"\n") else b"\n"),
+                            seq, lines)
+        lines, bad_utf8 = lines + frame.height, bad_utf8 or bad
+        yield frame
+    _verify(file, base, size, md5.hexdigest(), lines)
     if bad_utf8:
         log.warning("file=%s bad_utf8_lines_present", base)
-    return _lines_frame(lines, seq)
 
 
-def _lines_frame(lines: list[str], seq: int) -> pl.DataFrame:
-    return pl.DataFrame({"line": pl.Series(lines, dtype=pl.String)}).with_columns(
+def _verify(file: DeliveryFile, base: str, size: int, md5: str, lines: int) -> None:
+    expected = file.expected
+    if size != file.size:
+        raise IncompleteDelivery(f"{base}: size changed while reading")
+    if expected and expected.md5 and md5 != expected.md5:
+        raise DeliveryFailed(f"{base}: md5 does not match the control file")
+    if expected and expected.line_count is not None and lines != expected.line_count:
+        raise DeliveryFailed(f"{base}: {lines} lines, control file says {expected.line_count}")
+
+
+def _frame(data: bytes, seq: int, first_line: int) -> tuple[pl.DataFrame, bool]:
+    """Newline-terminated bytes -> (file_seq, line_no, line) without a Python list of lines."""
+    text, bad = _decode(data)
+    lines = pl.Series("line", [text[:-1]]).str.split("\n").explode()
+    frame = pl.DataFrame(lines).with_columns(
         file_seq=pl.lit(seq, dtype=pl.UInt32),
-        line_no=pl.int_range(1, pl.len() + 1, dtype=pl.UInt32),
+        line_no=pl.int_range(first_line + 1, first_line + pl.len() + 1, dtype=pl.UInt32),
     ).select("file_seq", "line_no", "line")
+    return frame, bad
 
 
-def _gunzip(raw: bytes, base: str) -> bytes:
-    try:
-        return gzip.decompress(raw)
-    except (EOFError, OSError, zlib.error) as exc:
-        raise DeliveryFailed(f"{base}: corrupt or truncated gzip ({type(exc).__name__})") from None
+class _Gunzip:
+    """Incremental gzip that accepts multi-member files and spots truncation."""
+
+    def __init__(self, base: str) -> None:
+        self.base = base
+        self._z = zlib.decompressobj(wbits=31)
+
+    def feed(self, block: bytes) -> bytes:
+        out = bytearray()
+        try:
+            out += self._z.decompress(block)
+            while self._z.eof and self._z.unused_data:
+                rest = self._z.unused_data
+                self._z = zlib.decompressobj(wbits=31)
+                out += self._z.decompress(rest)
+        except zlib.error as exc:
+            raise DeliveryFailed(f"{self.base}: corrupt gzip ({exc})") from None
+        return bytes(out)
+
+    def finish(self) -> None:
+        if not self._z.eof:
+            raise DeliveryFailed(f"{self.base}: truncated gzip (stream ends early)")
 
 
 def _decode(data: bytes) -> tuple[str, bool]:
@@ -167,4 +216,4 @@ def entry_md5s(delivery: Delivery) -> dict[str, str]:
     return out
 
 
-__all__ = ["Delivery", "DeliveryFile", "Entry", "find_deliveries", "read_delivery", "entry_md5s"]
+__all__ = ["Delivery", "DeliveryFile", "Entry", "find_deliveries", "read_chunks", "entry_md5s"]

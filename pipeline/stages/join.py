@@ -13,8 +13,12 @@ KEY_KINDS = ("ecid", "email", "phone", "crm")
 _SOURCE = {"ecid": "ecid", "email": "email", "phone": "phone", "crm": "crm_id"}
 
 
-def profile_table(snapshot: pl.LazyFrame, default_country: str | None) -> pl.LazyFrame:
-    """Snapshot -> one row per profile with a hashed key per kind and a suppressed flag."""
+def profile_table(snapshot: pl.LazyFrame, default_country: str | None,
+                  kinds: tuple[str, ...] = KEY_KINDS) -> pl.LazyFrame:
+    """Snapshot -> one row per profile: hashed keys of `kinds`, DPUUID attributes, suppressed.
+
+    Kinds not asked for stay null: phone parsing is the costliest step of a run.
+    """
     names = snapshot.collect_schema().names()
 
     def col(name: str, dtype=pl.String) -> pl.Expr:
@@ -26,13 +30,15 @@ def profile_table(snapshot: pl.LazyFrame, default_country: str | None) -> pl.Laz
     country = col("country").str.strip_chars().str.to_uppercase()
     if default_country:
         country = country.fill_null(default_country)
+    phone = (identity.sha256_hex(identity.normalize("phone", col("phone"), country))
+             if "phone" in kinds else pl.lit(None, pl.String))
     return snapshot.select(
         profile_id=col("profile_id"),
         suppressed=flag("opt_out") | flag("blacklisted"),
         ecid=identity.normalize("ecid", col("ecid")),
         crm_id=identity.normalize("crm", col("crm_id")),
         email_key=identity.sha256_hex(identity.normalize("email", col("email"))),
-        phone_key=identity.sha256_hex(identity.normalize("phone", col("phone"), country)),
+        phone_key=phone,
     ).with_columns(
         ecid_key=identity.sha256_hex(pl.col("ecid")),
         crm_key=identity.sha256_hex(pl.col("crm_id")),
@@ -43,7 +49,8 @@ def profile_keys(profiles: pl.LazyFrame, kinds: tuple[str, ...]) -> pl.LazyFrame
     """(key, matched_on, profile_id, suppressed), one row per key.
 
     Two profiles sharing a key (same email twice) resolve to the smallest profile_id, so the
-    choice is deterministic across runs.
+    choice is deterministic across runs. On a key bucket this gives the same answer as on the
+    whole table, since all rows of a key share its bucket.
     """
     parts = [
         profiles.select(
@@ -52,11 +59,13 @@ def profile_keys(profiles: pl.LazyFrame, kinds: tuple[str, ...]) -> pl.LazyFrame
         ).filter(pl.col("key").is_not_null())
         for kind in kinds
     ]
-    return (
-        pl.concat(parts)
-        .sort("profile_id", "matched_on")
-        .unique(subset="key", keep="first", maintain_order=True)
-    )
+    return unique_keys(pl.concat(parts))
+
+
+def unique_keys(keys: pl.LazyFrame) -> pl.LazyFrame:
+    """One row per key: the smallest profile_id wins."""
+    return keys.sort("profile_id", "matched_on").unique(
+        subset="key", keep="first", maintain_order=True)
 
 
 def match(resolved: pl.LazyFrame, keys: pl.LazyFrame) -> pl.LazyFrame:
@@ -65,7 +74,8 @@ def match(resolved: pl.LazyFrame, keys: pl.LazyFrame) -> pl.LazyFrame:
 
 
 def count_matches(joined: pl.DataFrame) -> dict[str, int]:
-    ok = pl.col("reject").is_null()
+    """matched / unmatched / suppressed over resolved (not rejected) rows."""
+    ok = pl.col("reject").is_null() if "reject" in joined.columns else pl.lit(True)
     found = pl.col("profile_id").is_not_null()
     row = joined.select(
         matched=(ok & found).sum(),
@@ -75,36 +85,53 @@ def count_matches(joined: pl.DataFrame) -> dict[str, int]:
     return {k: int(v or 0) for k, v in row.items()}
 
 
-def audience(joined: pl.LazyFrame) -> pl.LazyFrame:
-    """Matched, non-suppressed rows -> (profile_id, segment_id, action, matched_on).
-
-    A segment both added and removed for a profile: the later line (file_seq, line_no) wins;
-    within one line the removal wins.
-    """
+def segment_rows(joined: pl.LazyFrame) -> pl.LazyFrame:
+    """Matched, non-suppressed rows -> one row per segment mention, with its line order."""
     rows = joined.filter(pl.col("profile_id").is_not_null() & ~pl.col("suppressed"))
     cols = ["profile_id", "matched_on", "file_seq", "line_no"]
-    added = rows.select(*cols, segment_id=pl.col("added"), action=pl.lit("add"), rank=pl.lit(0))
+    added = rows.select(*cols, segment_id=pl.col("added"), action=pl.lit("add"),
+                        rank=pl.lit(0, pl.UInt8))
     removed = rows.select(*cols, segment_id=pl.col("removed"), action=pl.lit("remove"),
-                          rank=pl.lit(1))
+                          rank=pl.lit(1, pl.UInt8))
     return (
         pl.concat([added, removed])
         .explode("segment_id")
         .filter(pl.col("segment_id").is_not_null())
-        .sort("profile_id", "segment_id", "file_seq", "line_no", "rank")
+    )
+
+
+def merge_segments(rows: pl.LazyFrame) -> pl.LazyFrame:
+    """Segment mentions -> (profile_id, segment_id, action, matched_on), one per pair.
+
+    A segment both added and removed for a profile: the later line (file_seq, line_no) wins;
+    within one line the removal wins.
+    """
+    return (
+        rows.sort("profile_id", "segment_id", "file_seq", "line_no", "rank")
         .group_by("profile_id", "segment_id", maintain_order=True)
         .agg(pl.col("action").last(), pl.col("matched_on").last())
         .select("profile_id", pl.col("segment_id").cast(pl.UInt32), "action", "matched_on")
     )
 
 
+def audience(joined: pl.LazyFrame) -> pl.LazyFrame:
+    """Matched, non-suppressed rows -> merged (profile_id, segment_id, action, matched_on)."""
+    return merge_segments(segment_rows(joined))
+
+
+def contact_rows(joined: pl.LazyFrame) -> pl.LazyFrame:
+    """Segment mentions of decrypted addresses with no profile (PII), keyed by `contact`."""
+    # Rejected rows carry no contact (resolve clears it), so no reject filter is needed.
+    rows = joined.filter(pl.col("profile_id").is_null() & pl.col("contact").is_not_null())
+    return segment_rows(rows.with_columns(profile_id=pl.col("contact"),
+                                          matched_on=pl.lit("contact"),
+                                          suppressed=pl.lit(False)))
+
+
+def merge_contacts(rows: pl.LazyFrame) -> pl.LazyFrame:
+    return merge_segments(rows).rename({"profile_id": "contact"}).drop("matched_on")
+
+
 def unmatched_contacts(joined: pl.LazyFrame) -> pl.LazyFrame:
     """Decrypted addresses of IDs with no profile, with their merged segments (PII)."""
-    rows = joined.filter(pl.col("reject").is_null() & pl.col("profile_id").is_null()
-                         & pl.col("contact").is_not_null())
-    return (
-        rows.with_columns(profile_id=pl.col("contact"), matched_on=pl.lit("contact"),
-                          suppressed=pl.lit(False))
-        .pipe(audience)
-        .rename({"profile_id": "contact"})
-        .drop("matched_on")
-    )
+    return merge_contacts(contact_rows(joined))

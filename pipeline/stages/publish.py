@@ -1,28 +1,36 @@
 """Publish: build each destination's files for a delivery and write them atomically.
 
-Names come from the delivery (root, timestamp), never the wall clock, so a rerun writes the
-same names with the same bytes. A manifest per (destination, delivery) is written last.
+Writers take the audience bucket by bucket and spool to local files, so output size does not
+bound memory. Names come from the delivery (root, timestamp), never the wall clock, so a
+rerun writes the same names with the same bytes. A manifest per (destination, delivery) is
+written last.
 """
 
 from __future__ import annotations
 
 import gzip
 import hashlib
-import io
 import json
 import logging
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
+from typing import BinaryIO
 
 import polars as pl
+import pyarrow.parquet as pq
 
 from pipeline.config import DestinationConfig
-from pipeline.formats import inbound_file_name, inbound_folder, inbound_lines, split_lines
+from pipeline.formats import inbound_file_name, inbound_folder, inbound_lines
 from pipeline.stores import Store
 
 log = logging.getLogger(__name__)
 DPUUID_COLUMN = {"email_sha256": "email_key", "profile_id": "profile_id",
                  "crm_id": "crm_id", "ecid": "ecid"}
+_COPY = 8 << 20
 
 
 @dataclass(frozen=True)
@@ -36,64 +44,153 @@ class DeliveryKey:
 
 @dataclass
 class Output:
-    """Files one destination gets for one delivery, as (path, bytes)."""
+    """Files one destination gets for one delivery: (path, bytes or a local file)."""
 
-    files: list[tuple[str, bytes]] = field(default_factory=list)
+    files: list[tuple[str, bytes | Path]] = field(default_factory=list)
     rows: int = 0
-    unmapped_segments: int = 0
+    unmapped_segments: int = 0  # rows left out by the destination's segment mapping/filter
     missing_id: int = 0  # mapped rows of profiles lacking the destination's DPUUID
 
 
-def campaign_list(audience: pl.DataFrame, dest: DestinationConfig, key: DeliveryKey) -> Output:
-    rows = audience
-    if dest.segment_filter is not None:
-        rows = rows.filter(pl.col("segment_id").is_in(list(dest.segment_filter)))
-    table = rows.sort("profile_id", "segment_id").select(
-        "profile_id", pl.col("segment_id").cast(pl.Int64), "action", "matched_on",
-        delivery=pl.lit(key.root),
-    )
-    ext = "parquet" if dest.format == "parquet" else "csv"
-    return Output([(f"{key.feed}/{key.root}.{ext}", _table_bytes(table, dest.format))],
-                  rows=table.height, unmapped_segments=audience.height - rows.height)
+class CampaignListWriter:
+    """Campaign audience import: CSV (header once) or Parquet, one file per delivery."""
+
+    def __init__(self, dest: DestinationConfig, key: DeliveryKey, workdir: Path) -> None:
+        self.dest, self.key = dest, key
+        ext = "parquet" if dest.format == "parquet" else "csv"
+        self.path = f"{key.feed}/{key.root}.{ext}"
+        self.local = workdir / f"{dest.name}.{ext}"
+        self.out = Output()
+        self._parquet: pq.ParquetWriter | None = None
+        self._started = False
+
+    def add(self, audience: pl.DataFrame, attrs: pl.LazyFrame | None = None) -> None:
+        rows = audience
+        if self.dest.segment_filter is not None:
+            rows = rows.filter(pl.col("segment_id").is_in(list(self.dest.segment_filter)))
+        self.out.unmapped_segments += audience.height - rows.height
+        table = rows.sort("profile_id", "segment_id").select(
+            "profile_id", pl.col("segment_id").cast(pl.Int64), "action", "matched_on",
+            delivery=pl.lit(self.key.root),
+        )
+        self.out.rows += table.height
+        self._append(table)
+
+    def _append(self, table: pl.DataFrame) -> None:
+        if self.dest.format == "parquet":
+            arrow = table.to_arrow()
+            if self._parquet is None:
+                self._parquet = pq.ParquetWriter(self.local, arrow.schema)
+            self._parquet.write_table(arrow)
+        else:
+            with open(self.local, "ab" if self._started else "wb") as fh:
+                table.write_csv(fh, include_header=not self._started)
+        self._started = True
+
+    def finish(self) -> Output:
+        if not self._started:  # empty audience: still a (header-only) file per delivery
+            self._append(pl.DataFrame(schema={
+                "profile_id": pl.String, "segment_id": pl.Int64, "action": pl.String,
+                "matched_on": pl.String, "delivery": pl.String}))
+        if self._parquet is not None:
+            self._parquet.close()
+        self.out.files.append((self.path, self.local))
+        return self.out
 
 
-def aam_inbound(audience: pl.DataFrame, profiles: pl.DataFrame, dest: DestinationConfig,
-                key: DeliveryKey) -> Output:
-    traits = pl.DataFrame({"segment_id": list(dest.traits), "trait_id": list(dest.traits.values())},
-                          schema={"segment_id": pl.UInt32, "trait_id": pl.Int64})
-    mapped = audience.join(traits, on="segment_id", how="inner")
-    ids = profiles.select("profile_id", dpuuid=pl.col(DPUUID_COLUMN[dest.id]))
-    with_ids = mapped.join(ids, on="profile_id", how="left", validate="m:1")
-    rows = with_ids.filter(pl.col("dpuuid").is_not_null()).select("dpuuid", "trait_id", "action")
-    return Output(_inbound_files(rows, dest, key.timestamp_s), rows=rows.height,
-                  unmapped_segments=audience.height - mapped.height,
-                  missing_id=with_ids.height - rows.height)
+class InboundWriter:
+    """AAM inbound files: lines spooled locally, then split by max_lines_per_file."""
+
+    def __init__(self, dest: DestinationConfig, timestamp_s: int, workdir: Path) -> None:
+        self.dest, self.ts = dest, timestamp_s
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.workdir = Path(tempfile.mkdtemp(prefix=f"{dest.name}-", dir=workdir))
+        self.lines_path = self.workdir / "lines.txt"
+        self.lines = 0
+        self.out = Output()
+        self._traits = pl.DataFrame(
+            {"segment_id": list(dest.traits), "trait_id": list(dest.traits.values())},
+            schema={"segment_id": pl.UInt32, "trait_id": pl.Int64})
+
+    def add(self, audience: pl.DataFrame, attrs: pl.LazyFrame) -> None:
+        """Audience rows of one profile bucket, with that bucket's profile attributes."""
+        mapped = audience.join(self._traits, on="segment_id", how="inner")
+        self.out.unmapped_segments += audience.height - mapped.height
+        ids = attrs.select("profile_id", dpuuid=pl.col(DPUUID_COLUMN[self.dest.id])).collect()
+        with_ids = mapped.join(ids, on="profile_id", how="left", validate="m:1")
+        rows = with_ids.filter(pl.col("dpuuid").is_not_null())
+        self.out.missing_id += with_ids.height - rows.height
+        self.add_rows(rows.select("dpuuid", "trait_id", "action"))
+
+    def add_rows(self, rows: pl.DataFrame) -> None:
+        """Ready (dpuuid, trait_id, action) rows; one DPUUID must not span two calls."""
+        self.out.rows += rows.height
+        if rows.is_empty():
+            return
+        lines = inbound_lines(rows)
+        with open(self.lines_path, "ab") as fh:
+            lines.write_csv(fh, include_header=False, quote_style="never")
+        self.lines += lines.height
+
+    def finish(self) -> Output:
+        if self.lines:
+            self.out.files = self._split()
+        return self.out
+
+    def _split(self) -> list[tuple[str, bytes | Path]]:
+        per_file = self.dest.max_lines_per_file
+        count = -(-self.lines // per_file)
+        folder = inbound_folder(self.ts)
+        files: list[tuple[str, bytes | Path]] = []
+        with open(self.lines_path, "rb") as src:
+            for n in range(1, count + 1):
+                name = inbound_file_name(self.dest.dpid, self.ts, n if count > 1 else None,
+                                         self.dest.gzip)
+                local = self.workdir / name
+                with _open_out(local, self.dest.gzip) as dst:
+                    for _ in range(per_file):
+                        line = src.readline()
+                        if not line:
+                            break
+                        dst.write(line)
+                files.append((f"{folder}/{name}", local))
+        return files
 
 
-def inbound_files_for(rows: pl.DataFrame, dest: DestinationConfig, timestamp_s: int) -> Output:
-    """AAM inbound files from ready (dpuuid, trait_id, action) rows (export direction)."""
-    return Output(_inbound_files(rows, dest, timestamp_s), rows=rows.height)
+class ContactsWriter:
+    """No-profile contacts (PII): contact, segment_id, action, delivery."""
+
+    def __init__(self, dest: DestinationConfig, key: DeliveryKey, workdir: Path) -> None:
+        self.key = key
+        self.local = workdir / f"{dest.name}.csv"
+        self.out = Output()
+        self._started = False
+
+    def add(self, contacts: pl.DataFrame) -> None:
+        table = contacts.sort("contact", "segment_id").select(
+            "contact", pl.col("segment_id").cast(pl.Int64), "action",
+            delivery=pl.lit(self.key.root))
+        self.out.rows += table.height
+        with open(self.local, "ab" if self._started else "wb") as fh:
+            table.write_csv(fh, include_header=not self._started)
+        self._started = True
+
+    def finish(self) -> Output:
+        if not self._started:
+            self.add(pl.DataFrame(schema={"contact": pl.String, "segment_id": pl.UInt32,
+                                          "action": pl.String}))
+        self.out.files.append((f"{self.key.feed}/{self.key.root}.csv", self.local))
+        return self.out
 
 
-def _inbound_files(rows: pl.DataFrame, dest: DestinationConfig, ts: int) -> list[tuple[str, bytes]]:
-    if rows.is_empty():
-        return []
-    lines = inbound_lines(rows)["line"]
-    ranges = split_lines(len(lines), dest.max_lines_per_file)
-    folder = inbound_folder(ts)
-    files = []
-    for n, (start, stop) in enumerate(ranges, start=1):
-        split = n if len(ranges) > 1 else None
-        name = inbound_file_name(dest.dpid, ts, split, dest.gzip)
-        text = "\n".join(lines[start:stop].to_list()) + "\n"
-        files.append((f"{folder}/{name}", _maybe_gzip(text.encode(), dest.gzip)))
-    return files
-
-
-def contacts(unmatched: pl.DataFrame, dest: DestinationConfig, key: DeliveryKey) -> Output:
-    table = unmatched.sort("contact", "segment_id").select(
-        "contact", pl.col("segment_id").cast(pl.Int64), "action", delivery=pl.lit(key.root))
-    return Output([(f"{key.feed}/{key.root}.csv", _table_bytes(table, "csv"))], rows=table.height)
+def inbound_files_for(rows: pl.DataFrame, dest: DestinationConfig, timestamp_s: int,
+                      workdir: Path) -> Output:
+    """AAM inbound files, as bytes, from ready (dpuuid, trait_id, action) rows (export)."""
+    writer = InboundWriter(dest, timestamp_s, workdir)
+    writer.add_rows(rows)
+    out = writer.finish()
+    out.files = [(p, _read(d)) for p, d in out.files]
+    return out
 
 
 def write_outputs(store: Store, dest: DestinationConfig, key: DeliveryKey,
@@ -104,13 +201,16 @@ def write_outputs(store: Store, dest: DestinationConfig, key: DeliveryKey,
     previous = _previous_files(store, manifest)
     written = []
     for path, data in out.files:
-        store.write_bytes(path, data)
+        if isinstance(data, Path):
+            store.put_file(str(data), path)
+        else:
+            store.write_bytes(path, data)
         written.append(path)
     for stale in sorted(set(previous) - set(written)):
         store.delete(stale)
     listing = {
         "destination": dest.name, "feed": key.feed, "delivery": key.root, "rows": out.rows,
-        "files": {p: hashlib.md5(d).hexdigest() for p, d in out.files},  # noqa: S324
+        "files": {p: _md5(d) for p, d in out.files},
     }
     store.write_bytes(manifest, json.dumps(listing, sort_keys=True, indent=1).encode())
     log.info("destination=%s delivery_files=%d rows=%d", dest.name, len(written), out.rows)
@@ -131,23 +231,30 @@ def _previous_files(store: Store, path: str) -> list[str]:
         return []
 
 
-def _table_bytes(table: pl.DataFrame, fmt: str) -> bytes:
-    buf = io.BytesIO()
-    if fmt == "parquet":
-        table.write_parquet(buf, statistics=False)
+@contextmanager
+def _open_out(path: Path, gz: bool) -> Iterator[BinaryIO]:
+    with open(path, "wb") as raw:
+        if not gz:
+            yield raw
+            return
+        # mtime=0 and no file name in the header: the same input gives the same bytes.
+        with gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0) as packed:
+            yield packed  # type: ignore[misc]  # GzipFile is a binary file
+
+
+def _md5(data: bytes | Path) -> str:
+    digest = hashlib.md5()  # noqa: S324 - a checksum in the manifest, not security
+    if isinstance(data, Path):
+        with open(data, "rb") as fh:
+            while block := fh.read(_COPY):
+                digest.update(block)
     else:
-        table.write_csv(buf)
-    return buf.getvalue()
+        digest.update(data)
+    return digest.hexdigest()
 
 
-def _maybe_gzip(data: bytes, enabled: bool) -> bytes:
-    if not enabled:
-        return data
-    buf = io.BytesIO()
-    # mtime=0 and no file name in the header: the same input gives the same bytes.
-    with gzip.GzipFile(filename="", fileobj=buf, mode="wb", mtime=0) as gz:
-        gz.write(data)
-    return buf.getvalue()
+def _read(data: bytes | Path) -> bytes:
+    return data.read_bytes() if isinstance(data, Path) else data
 
 
 def timestamp_seconds(timestamp_ms: int | None, day: str | None) -> int:
@@ -156,3 +263,4 @@ def timestamp_seconds(timestamp_ms: int | None, day: str | None) -> int:
     if day:
         return int(datetime.fromisoformat(day).replace(tzinfo=UTC).timestamp())
     return 0
+

@@ -1,0 +1,168 @@
+"""One AAM delivery, in bounded memory: three passes over local spill files.
+
+1. ingest + resolve, chunk by chunk -> resolved rows by key bucket, rejects aside;
+2. per key bucket: join with that bucket of the profile keys -> segment mentions by profile
+   bucket;
+3. per profile bucket: merge segments per profile -> destination writers.
+Nothing is published before every record is counted and the reject threshold is checked.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import polars as pl
+
+from pipeline.config import FeedConfig
+from pipeline.errors import DeliveryFailed
+from pipeline.report import DeliveryReport
+from pipeline.spill import Spill, key_bucket, text_bucket
+from pipeline.stages import join, publish, resolve
+from pipeline.stages.ingest import Delivery, read_chunks
+from pipeline.stores import Store
+
+if TYPE_CHECKING:
+    from pipeline.run import Context
+
+log = logging.getLogger(__name__)
+LINES_PER_BUCKET = 2_000_000  # resolved rows held in memory at once
+PROFILES_PER_BUCKET = 1_000_000
+RESOLVED = ("key", "file_seq", "line_no", "added", "removed", "contact")
+
+
+@dataclass
+class Plan:
+    feed: FeedConfig
+    delivery: Delivery
+    buckets: int
+    spill: Spill
+
+
+def bucket_count(delivery: Delivery, profiles: int) -> int:
+    """Buckets from the delivery's size and the snapshot's: deterministic for one input."""
+    if delivery.info and delivery.info.total_line_count is not None:
+        lines = delivery.info.total_line_count
+    else:
+        lines = sum(f.size for f in delivery.files) // 20  # gzip'd lines are ~20 bytes+
+    return max(1, math.ceil(lines / LINES_PER_BUCKET), math.ceil(profiles / PROFILES_PER_BUCKET))
+
+
+def process_delivery(ctx: Context, feed: FeedConfig, source: Store, delivery: Delivery,
+                     rep: DeliveryReport) -> None:
+    """Count, quarantine and publish one complete delivery (raises DeliveryFailed)."""
+    spill = Spill(Path(ctx.workdir) / "delivery")
+    spill.clear()
+    buckets = bucket_count(delivery, ctx.snapshots.size(delivery.date))
+    plan = Plan(feed, delivery, buckets, spill)
+    ingest(ctx, plan, source, rep)
+    profiles = ctx.snapshots.index(delivery.date, feed.kinds, buckets)
+    match(plan, profiles, rep)
+    _check_ratio(feed, rep)
+    key = publish.DeliveryKey(feed.name, delivery.root,
+                              publish.timestamp_seconds(delivery.timestamp_ms, rep.date))
+    outputs = build(ctx, plan, profiles, key)
+    for dest in ctx.config.destinations:
+        out = outputs.get(dest.name)
+        if out is None:
+            continue
+        rep.rows_written[dest.name] = out.rows
+        if out.unmapped_segments:
+            rep.unmapped_segments[dest.name] = out.unmapped_segments
+        if out.missing_id:
+            rep.missing_ids[dest.name] = out.missing_id
+        if ctx.options.dry_run:
+            rep.outputs += [f"{dest.name}:{p}" for p, _ in out.files]
+        else:
+            written = publish.write_outputs(ctx.targets[dest.name], dest, key, out)
+            rep.outputs += [f"{dest.name}:{p}" for p in written]
+    spill.clear()
+
+
+def ingest(ctx: Context, plan: Plan, source: Store, rep: DeliveryReport) -> None:
+    """Pass 1: parse and resolve chunk by chunk; spill resolved rows and rejects."""
+    for chunk in read_chunks(source, plan.delivery):
+        parsed = resolve.parse(chunk.lazy())
+        resolved = resolve.resolve(parsed, plan.feed, ctx.config.default_country).collect()
+        rep.records_received += resolved.height
+        for name, value in resolve.count_rejects(resolved).items():
+            setattr(rep, name, getattr(rep, name) + value)
+        ok = pl.col("reject").is_null()
+        plan.spill.write("rejects", resolved.filter(~ok).select(
+            "file_seq", "line_no", "reject", "line"))
+        plan.spill.write("resolved", resolved.filter(ok).select(RESOLVED).with_columns(
+            _b=key_bucket(pl.col("key"), plan.buckets)), bucket="_b")
+    if rep.rejected and not ctx.options.dry_run:
+        _quarantine(ctx, plan)
+
+
+def match(plan: Plan, profiles, rep: DeliveryReport) -> None:
+    """Pass 2: join each key bucket; spill segment mentions by profile (and contact) bucket."""
+    for b in range(plan.buckets):
+        rows = plan.spill.scan("resolved", b)
+        if rows is None:
+            continue
+        joined = join.match(rows, profiles.keys(b)).collect()
+        for name, value in join.count_matches(joined).items():
+            setattr(rep, name, getattr(rep, name) + value)
+        lazy = joined.lazy()
+        plan.spill.write("mentions", join.segment_rows(lazy).with_columns(
+            _b=text_bucket(pl.col("profile_id"), plan.buckets)).collect(), bucket="_b")
+        plan.spill.write("contacts", join.contact_rows(lazy).with_columns(
+            _b=text_bucket(pl.col("profile_id"), plan.buckets)).collect(), bucket="_b")
+
+
+def build(ctx: Context, plan: Plan, profiles, key: publish.DeliveryKey
+          ) -> dict[str, publish.Output]:
+    """Pass 3: merge per profile bucket and feed every destination's writer."""
+    workdir = plan.spill.folder / "out"
+    workdir.mkdir(parents=True, exist_ok=True)
+    audience_writers, contact_writers = {}, {}
+    for dest in ctx.config.destinations:
+        if dest.kind == "campaign_list":
+            audience_writers[dest.name] = publish.CampaignListWriter(dest, key, workdir)
+        elif dest.kind == "aam_inbound" and dest.traits:  # audiences-only: export feeds
+            audience_writers[dest.name] = publish.InboundWriter(dest, key.timestamp_s, workdir)
+        elif dest.kind == "no_profile_contacts":
+            contact_writers[dest.name] = publish.ContactsWriter(dest, key, workdir)
+    for b in range(plan.buckets):
+        mentions = plan.spill.scan("mentions", b)
+        if mentions is not None and audience_writers:
+            audience = join.merge_segments(mentions).collect()
+            attrs = profiles.attributes(b)
+            for writer in audience_writers.values():
+                writer.add(audience, attrs)
+        contacts = plan.spill.scan("contacts", b)
+        if contacts is not None and contact_writers:
+            merged = join.merge_contacts(contacts).collect()
+            for writer in contact_writers.values():
+                writer.add(merged)
+    writers = {**audience_writers, **contact_writers}
+    return {name: w.finish() for name, w in writers.items()}
+
+
+def _check_ratio(feed: FeedConfig, rep: DeliveryReport) -> None:
+    ratio = rep.rejected / rep.records_received if rep.records_received else 0.0
+    if ratio > feed.max_reject_ratio:
+        raise DeliveryFailed(f"reject ratio {ratio:.4f} exceeds max_reject_ratio "
+                             f"{feed.max_reject_ratio} ({rep.rejected} of {rep.records_received} "
+                             "records rejected; see quarantine)")
+
+
+def _quarantine(ctx: Context, plan: Plan) -> None:
+    """Rejected lines with file, line number and reason (raw lines stay in the state store)."""
+    names = pl.LazyFrame({
+        "file_seq": pl.Series(range(1, len(plan.delivery.files) + 1), dtype=pl.UInt32),
+        "file": [f.name.path for f in plan.delivery.files],
+    })
+    rejects = plan.spill.scan("rejects")
+    if rejects is None:
+        return
+    local = plan.spill.folder / "quarantine.csv"
+    (rejects.join(names, on="file_seq", how="left", maintain_order="left")
+     .select("file", "line_no", reason="reject", line="line")
+     .sink_csv(local))
+    ctx.state.put_file(str(local), f"quarantine/{plan.feed.name}/{plan.delivery.root}.csv")

@@ -1,0 +1,61 @@
+"""Local spill space: frames written as Parquet parts per bucket, scanned back one bucket at a
+time, so a delivery of any size is processed in bounded memory."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import polars as pl
+import polars_hash as plh
+
+
+def key_bucket(key: pl.Expr, buckets: int) -> pl.Expr:
+    """Bucket of a lowercase-hex SHA-256 key: stable across runs and machines."""
+    return (key.str.slice(0, 6).str.to_integer(base=16) % buckets).cast(pl.UInt32)
+
+
+def text_bucket(value: pl.Expr, buckets: int) -> pl.Expr:
+    """Bucket of any string (profile IDs) through SHA-256, never pl.Expr.hash (not stable)."""
+    return key_bucket(plh.CryptographicHashingNameSpace(value.cast(pl.String)).sha2_256(),
+                      buckets)
+
+
+class Spill:
+    """Parquet parts under one folder: `<name>/b=<bucket>/<part>.parquet`."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._parts: dict[str, int] = {}
+
+    def write(self, name: str, frame: pl.DataFrame, bucket: str | None = None) -> None:
+        """Append frame; with `bucket`, rows go to the part of their bucket column."""
+        if frame.is_empty():
+            return
+        part = self._parts.get(name, 0)
+        self._parts[name] = part + 1
+        groups = (frame.partition_by(bucket, as_dict=True, include_key=False)
+                  if bucket else {(0,): frame})
+        for (b,), rows in groups.items():
+            target = self.folder / name / f"b={b}" / f"{part:06d}.parquet"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            rows.write_parquet(target, compression="lz4", statistics=False)
+
+    def parts(self, name: str, bucket: int = 0) -> list[Path]:
+        """Part files of one bucket in write order."""
+        folder = self.folder / name / f"b={bucket}"
+        return sorted(folder.glob("*.parquet")) if folder.exists() else []
+
+    def scan(self, name: str, bucket: int = 0) -> pl.LazyFrame | None:
+        """All parts of one bucket in write order, or None when nothing was written."""
+        parts = self.parts(name, bucket)
+        return pl.scan_parquet(parts) if parts else None
+
+    def path(self, name: str) -> Path:
+        return self.folder / name
+
+    def clear(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._parts.clear()
