@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import inspect
 import json
 import os
 import resource
@@ -182,12 +183,13 @@ def _guard(pid: int, limit_mb: int, killed: threading.Event) -> None:
         return
 
 
-def side_command(side: str, config: Path) -> list[str]:
+def side_command(side: str, config: Path, duckdb_memory: str | None = None) -> list[str]:
     if side == "pipeline":
         return [sys.executable, str(ROOT / "run_pipeline.py"), "run", "--config", str(config),
                 "--json"]
+    extra = ["--memory-limit", duckdb_memory] if duckdb_memory else []
     return [sys.executable, str(ROOT / "benchmarks" / "duckdb_reference.py"), "--config",
-            str(config), "--json"]
+            str(config), "--json", *extra]
 
 
 # --------------------------------------------------------------------------------------------
@@ -195,19 +197,25 @@ def side_command(side: str, config: Path) -> list[str]:
 # --------------------------------------------------------------------------------------------
 
 
-def compare(a: Path, b: Path, pipeline: dict, reference: dict) -> list[str]:
-    """Differences between the two runs' outputs (empty when identical)."""
-    problems = []
-    for sub, pattern, read in (("campaign", "*.csv", _bytes), ("aam", "*.sync*", _lines),
-                               ("state/quarantine", "*.csv", _bytes)):
+def compare(a: Path, b: Path, pipeline: dict, reference: dict) -> tuple[list[str], list[str]]:
+    """(differences, notes) between the two runs' outputs.
+
+    Files are equal when they hold the same rows (lines), in any order: row order within a
+    file is not part of the contract. A different order is only noted.
+    """
+    problems, notes = [], []
+    for sub, pattern in (("campaign", "*.csv"), ("aam", "*.sync*"), ("state/quarantine", "*.csv")):
         files_a = _files(a / "out" / sub, pattern)
         files_b = _files(b / "out" / sub, pattern)
         if files_a.keys() != files_b.keys():
             problems.append(f"{sub}: file sets differ: {sorted(files_a.keys() ^ files_b.keys())}")
         for name in sorted(files_a.keys() & files_b.keys()):
-            if read(files_a[name]) != read(files_b[name]):
-                why = _row_diff(files_a[name], files_b[name])
-                problems.append(f"{sub}/{name}: content differs ({why})")
+            lines_a, lines_b = _lines(files_a[name]), _lines(files_b[name])
+            if lines_a == lines_b:
+                continue
+            why = _row_diff(lines_a, lines_b)
+            (notes if why == "same rows, different order" else problems).append(
+                f"{sub}/{name}: {why}")
     totals_a, totals_b = pipeline.get("totals", {}), reference.get("totals", {})
     for key in COUNTS:
         if totals_a.get(key) != totals_b.get(key):
@@ -217,7 +225,7 @@ def compare(a: Path, b: Path, pipeline: dict, reference: dict) -> list[str]:
     rows_b = {d["delivery"]: d.get("rows_written") for d in reference.get("deliveries", [])}
     if rows_a != rows_b:
         problems.append(f"rows_written differ: {rows_a} vs {rows_b}")
-    return problems
+    return problems, notes
 
 
 def _files(folder: Path, pattern: str) -> dict[str, Path]:
@@ -225,26 +233,19 @@ def _files(folder: Path, pattern: str) -> dict[str, Path]:
             if "_manifests" not in p.parts and not p.name.startswith(".")}
 
 
-def _bytes(path: Path) -> bytes:
-    return path.read_bytes()
-
-
 def _lines(path: Path) -> bytes:
     data = path.read_bytes()
     return gzip.decompress(data) if path.suffix == ".gz" else data
 
 
-def _row_diff(a: Path, b: Path) -> str:
+def _row_diff(a: bytes, b: bytes) -> str:
     """Same rows in another order, or how many rows each side has alone."""
-    try:
-        ra, rb = (pl.Series(_lines(p).decode().splitlines()) for p in (a, b))
-    except UnicodeDecodeError:
-        return "binary"
+    ra, rb = (pl.Series(x.decode(errors="replace").splitlines(), dtype=pl.String) for x in (a, b))
     if ra.sort().equals(rb.sort()):
         return "same rows, different order"
     only_a = ra.filter(~ra.is_in(rb.implode())).len()
     only_b = rb.filter(~rb.is_in(ra.implode())).len()
-    return f"{only_a} rows only in pipeline, {only_b} only in duckdb"
+    return f"content differs: {only_a} rows only in pipeline, {only_b} only in duckdb"
 
 
 # --------------------------------------------------------------------------------------------
@@ -253,22 +254,31 @@ def _row_diff(a: Path, b: Path) -> str:
 
 
 class RssSampler:
-    """Polls this process's RSS so each stage can report the peak seen while it ran."""
+    """Polls this process's RSS; every open stage sees the peak reached while it ran."""
 
     def __init__(self, interval: float = 0.02) -> None:
         self.proc = psutil.Process()
         self.interval = interval
-        self.peak = 0
+        self.open: list[list[int]] = []  # one [peak] cell per running (possibly nested) stage
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, self.proc.memory_info().rss)
+            rss = self.proc.memory_info().rss
+            for cell in list(self.open):
+                cell[0] = max(cell[0], rss)
             time.sleep(self.interval)
 
-    def reset(self) -> None:
-        self.peak = self.proc.memory_info().rss
+    def enter(self) -> list[int]:
+        cell = [self.proc.memory_info().rss]
+        self.open.append(cell)
+        return cell
+
+    def leave(self, cell: list[int]) -> int:
+        # By identity: two stages may hold equal peaks.
+        self.open = [c for c in self.open if c is not cell]
+        return max(cell[0], self.proc.memory_info().rss)
 
     def __enter__(self) -> RssSampler:
         self._thread.start()
@@ -284,53 +294,127 @@ class StageStats:
     seconds: float = 0.0
     calls: int = 0
     peak_rss_mb: float = 0.0
+    order: int = 0
+    nested: bool = False
+
+
+@dataclass(frozen=True)
+class Probe:
+    """A function of the pipeline to time: `owner.attr`, shown as `stage`."""
+
+    owner: str  # module path, or module path:Class
+    attr: str
+    stage: str
+    nested: bool = False  # inside another probe's time (not added to the total)
+    eager: bool = False  # the caller collects the LazyFrame at once: collect here instead
+    label: Callable[..., str] | None = None  # splits a stage, e.g. by feed
+
+
+def _feed_of_plan(ctx, plan, *rest, **kw) -> str:
+    return plan.feed.name
+
+
+def _feed_arg(parsed, feed, *rest, **kw) -> str:
+    return feed.name
+
+
+def _spill_name(self, name, *rest, **kw) -> str:
+    return name.split("-")[0]  # "keys-email_-1" -> "keys"
+
+
+# Stages of pipeline/delivery.py (bounded-memory design: three passes over spill files).
+PROBES = (
+    Probe("pipeline.delivery", "ingest", "1 ingest pass", label=_feed_of_plan),
+    Probe("pipeline.delivery", "read_chunks", "read chunks (md5, gunzip, split lines)",
+          nested=True),
+    Probe("pipeline.stages.resolve", "resolve", "parse + resolve", nested=True, eager=True,
+          label=_feed_arg),
+    Probe("pipeline.delivery", "_quarantine", "quarantine file", nested=True),
+    Probe("pipeline.snapshot:Snapshots", "index", "2 profile index (normalize, hash, bucket)"),
+    Probe("pipeline.delivery", "match", "3 match pass (join per key bucket)"),
+    Probe("pipeline.stages.join", "match", "join", nested=True, eager=True),
+    Probe("pipeline.delivery", "build", "4 build pass (merge per profile bucket, writers)"),
+    Probe("pipeline.stages.join", "merge_segments", "merge segments", nested=True,
+          eager=True),
+    Probe("pipeline.stages.publish:CampaignListWriter", "add", "campaign writer add",
+          nested=True),
+    Probe("pipeline.stages.publish:CampaignListWriter", "finish", "campaign writer finish",
+          nested=True),
+    Probe("pipeline.stages.publish:InboundWriter", "add", "inbound writer add", nested=True),
+    Probe("pipeline.stages.publish:InboundWriter", "finish", "inbound writer finish (+gzip)",
+          nested=True),
+    Probe("pipeline.stages.publish", "write_outputs", "5 publish (files + manifest)"),
+    Probe("pipeline.spill:Spill", "write", "(in 1-4) spill writes, parquet", nested=True,
+          label=_spill_name),
+)
+
+
+def _owner(path: str) -> object | None:
+    import importlib
+
+    module, _, cls = path.partition(":")
+    try:
+        obj: object = importlib.import_module(module)
+    except ImportError:
+        return None
+    return getattr(obj, cls, None) if cls else obj
 
 
 def profile_stages(config_path: Path, env: dict[str, str]) -> tuple[dict[str, StageStats], float]:
-    """Run the pipeline in process; wall time and peak RSS per stage."""
+    """Run the pipeline in process with every probe wrapped; wall time and peak RSS per stage.
+
+    Wrapping happens from the outside (module/class attributes), so a probe whose function
+    has been renamed is reported as missing instead of failing the run.
+    """
     import pipeline.run as run_mod
-    import pipeline.snapshot as snapshot_mod
     from pipeline.config import load_config
-    from pipeline.stages import join, publish, resolve
 
     stats: dict[str, StageStats] = {}
     sampler = RssSampler()
 
-    def wrap(owner: object, attr: str, stage: str, eager: bool = False,
-             label: Callable[..., str] | None = None) -> None:
-        original = getattr(owner, attr, None)
+    def record(probe: Probe, order: int, name: str, seconds: float, peak: int) -> None:
+        s = stats.setdefault(name, StageStats(order=order, nested=probe.nested))
+        s.seconds += seconds
+        s.calls += 1
+        s.peak_rss_mb = max(s.peak_rss_mb, peak / 2**20)
+
+    def wrap(probe: Probe, order: int) -> None:
+        owner = _owner(probe.owner)
+        original = getattr(owner, probe.attr, None) if owner is not None else None
         if original is None:
-            print(f"profile: {owner}.{attr} not found; stage {stage!r} not measured",
-                  file=sys.stderr)
+            print(f"profile: {probe.owner}.{probe.attr} not found; "
+                  f"stage {probe.stage!r} not measured", file=sys.stderr)
             return
 
         def timed(*args, **kwargs):
-            sampler.reset()
-            start = time.perf_counter()
-            result = original(*args, **kwargs)
-            if eager and isinstance(result, pl.LazyFrame):
-                # run.py collects right after this call: collect here so the stage is timed.
-                result = result.collect().lazy()
-            name = f"{stage} [{label(*args, **kwargs)}]" if label else stage
-            s = stats.setdefault(name, StageStats())
-            s.seconds += time.perf_counter() - start
-            s.calls += 1
-            s.peak_rss_mb = max(s.peak_rss_mb, sampler.peak / 2**20)
+            name = f"{probe.stage} [{probe.label(*args, **kwargs)}]" if probe.label \
+                else probe.stage
+            cell, start = sampler.enter(), time.perf_counter()
+            try:
+                result = original(*args, **kwargs)
+                if probe.eager and isinstance(result, pl.LazyFrame):
+                    result = result.collect().lazy()
+            finally:
+                record(probe, order, name, time.perf_counter() - start, sampler.leave(cell))
+            if inspect.isgenerator(result):
+                return _timed_generator(result, probe, order, name)
             return result
 
-        setattr(owner, attr, timed)
+        setattr(owner, probe.attr, timed)
 
-    wrap(run_mod, "read_delivery", "1 ingest: read + gunzip + md5 + split lines")
-    wrap(resolve, "resolve", "2 parse + resolve", eager=True,
-         label=lambda parsed, feed, *rest, **kw: feed.name)
-    wrap(run_mod, "_quarantine", "3 quarantine write")
-    wrap(snapshot_mod.Snapshots, "profiles", "4 snapshot load + profile keys (phones...)")
-    wrap(join, "profile_keys", "5 profile key table (per feed kind)", eager=True)
-    wrap(join, "match", "6 join", eager=True)
-    wrap(join, "audience", "7 audience (merge segments)", eager=True)
-    wrap(publish, "campaign_list", "8 publish: build campaign CSV")
-    wrap(publish, "aam_inbound", "9 publish: build AAM inbound (+gzip)")
-    wrap(publish, "write_outputs", "10 publish: write files + manifest")
+    def _timed_generator(gen, probe: Probe, order: int, name: str):
+        while True:
+            cell, start = sampler.enter(), time.perf_counter()
+            try:
+                item = next(gen)
+            except StopIteration:
+                return
+            finally:
+                record(probe, order, name, time.perf_counter() - start, sampler.leave(cell))
+            yield item
+
+    for order, probe in enumerate(PROBES):
+        wrap(probe, order)
     config = load_config(config_path, env)
     with sampler:
         start = time.perf_counter()
@@ -381,6 +465,8 @@ def main(argv: list[str] | None = None) -> int:
                              "'none' with --profile-stages runs only the stage profile")
     parser.add_argument("--rss-limit-mb", type=int,
                         help="kill a side whose RSS passes this (protects a shared machine)")
+    parser.add_argument("--duckdb-memory-limit",
+                        help="memory_limit for the reference, e.g. 6GB (default: DuckDB's)")
     parser.add_argument("--profile-config", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.profile_config:  # child of --profile-stages: a fresh process, nothing else in it
@@ -405,7 +491,8 @@ def main(argv: list[str] | None = None) -> int:
     for side in ("pipeline", "duckdb"):
         if side in sides:
             config = write_config(dirs[side], data)
-            m = measure(side, side_command(side, config), dirs[side], env, args.rss_limit_mb)
+            cmd = side_command(side, config, args.duckdb_memory_limit)
+            m = measure(side, cmd, dirs[side], env, args.rss_limit_mb)
             results.append(m)
             guard = f" (killed: RSS passed {m.killed_over_mb:,} MB)" if m.killed_over_mb else ""
             print(f"{side}: {m.wall_s:.1f} s, peak RSS {m.peak_rss_mb:,.0f} MB, "
@@ -425,13 +512,16 @@ def main(argv: list[str] | None = None) -> int:
         p, d = results
         print(f"\nratio pipeline/duckdb: wall {p.wall_s / d.wall_s:.2f}, "
               f"peak RSS {p.peak_rss_mb / d.peak_rss_mb:.2f}")
-        problems = compare(dirs["pipeline"], dirs["duckdb"], p.report, d.report)
+        problems, notes = compare(dirs["pipeline"], dirs["duckdb"], p.report, d.report)
         identical = not problems and p.exit_code == 0 and d.exit_code == 0
-        print(f"outputs identical: {'yes' if identical else 'NO'}")
+        print(f"outputs identical (same rows per file, same counts): "
+              f"{'yes' if identical else 'NO'}")
         for problem in problems:
             print(f"  - {problem}")
+        for note in notes:
+            print(f"  note: {note}")
         record |= {"wall_ratio": p.wall_s / d.wall_s, "identical": identical,
-                   "problems": problems}
+                   "problems": problems, "notes": notes}
     for m in results:
         if m.side == "duckdb" and m.report.get("steps"):
             steps = ", ".join(f"{k} {v:.1f}" for k, v in m.report["steps"].items())
@@ -446,16 +536,19 @@ def main(argv: list[str] | None = None) -> int:
         with open(run_dir / "stderr.log", "wb") as log:
             child = subprocess.run(cmd, env=env, cwd=ROOT, check=True,  # noqa: S603
                                    stdout=subprocess.PIPE, stderr=log)
+        for line in (run_dir / "stderr.log").read_text(errors="replace").splitlines():
+            if line.startswith("profile:"):
+                print(line, file=sys.stderr)
         result = json.loads(child.stdout)
         stats = {k: StageStats(**v) for k, v in result["stages"].items()}
         total = result["total"]
-        measured = sum(s.seconds for s in stats.values())
+        measured = sum(s.seconds for s in stats.values() if not s.nested)
         table = [["stage", "calls", "seconds", "share", "peak RSS MB"]]
-        for name, s in sorted(stats.items(), key=lambda kv: int(kv[0].split()[0])):
-            table.append([name, str(s.calls), f"{s.seconds:.1f}", f"{s.seconds / total:.0%}",
-                          f"{s.peak_rss_mb:,.0f}"])
-        table.append(["other (ledger, report, counts, ...)", "", f"{total - measured:.1f}",
-                      f"{(total - measured) / total:.0%}", ""])
+        for name, s in sorted(stats.items(), key=lambda kv: (kv[1].order, kv[0])):
+            table.append([("    " if s.nested else "") + name, str(s.calls), f"{s.seconds:.1f}",
+                          f"{s.seconds / total:.0%}", f"{s.peak_rss_mb:,.0f}"])
+        table.append(["other (find deliveries, ledger, report, ...)", "",
+                      f"{total - measured:.1f}", f"{(total - measured) / total:.0%}", ""])
         table.append(["total (in process)", "", f"{total:.1f}", "100%",
                       f"{result['peak_rss_mb']:,.0f}"])
         print("\npipeline stages (in process):")

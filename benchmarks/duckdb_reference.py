@@ -660,9 +660,11 @@ def process(con: duckdb.DuckDBPyConnection, s: Settings, d: Delivery) -> dict:
     return report
 
 
-def run(config: Path, env: dict[str, str]) -> dict:
+def run(config: Path, env: dict[str, str], memory_limit: str | None = None) -> dict:
     s = load_settings(config, env)
     con = duckdb.connect()
+    if memory_limit:  # DuckDB then spills its temp tables to disk instead of growing
+        con.execute(f"SET memory_limit = '{memory_limit}'")
     con.execute(MACROS)
     deliveries = [d for f in s.feeds for d in find_deliveries(f)]
     with step("profiles (total)"):
@@ -679,9 +681,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", required=True, type=Path)
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument("--memory-limit",
+                        help="DuckDB memory_limit, e.g. 4GB (default: 80%% of RAM)")
     args = parser.parse_args()
     start = time.perf_counter()
-    report = run(args.config, dict(os.environ))
+    report = run(args.config, dict(os.environ), args.memory_limit)
     TIMES["total"] = time.perf_counter() - start
     for name, seconds in TIMES.items():
         print(f"step={name!r} seconds={seconds:.2f}", file=sys.stderr)

@@ -453,23 +453,22 @@ def inbound_lines(rows: pl.DataFrame, max_signals_per_line: int | None = None) -
         raise ValueError("max_signals_per_line must be positive")
     _check_inbound_rows(rows)
     is_add = pl.col("action") == "add"
-    position = pl.int_range(pl.len(), dtype=pl.UInt32).over("dpuuid")
-    chunk = (
-        pl.lit(0, dtype=pl.UInt32)
-        if max_signals_per_line is None
-        else (position // max_signals_per_line)
-    )
-    lines = (
+    signal = (pl.when(pl.col("add")).then(pl.lit("d_sid=")).otherwise(pl.lit("d_unsid="))
+              + pl.col("trait_id").cast(pl.String))
+    # One row per (DPUUID, trait), the add winning; then adds first, traits ascending.
+    signals = (
         rows.lazy()
-        .select("dpuuid", pl.col("trait_id").cast(pl.Int64), "action")
-        .unique()
-        .filter(is_add | ~is_add.any().over("dpuuid", "trait_id"))
-        .sort("dpuuid", ~is_add, "trait_id")
-        .with_columns(
-            _signal=pl.when(is_add).then(pl.lit("d_sid=")).otherwise(pl.lit("d_unsid="))
-            + pl.col("trait_id").cast(pl.String),
-            _chunk=chunk,
-        )
+        .group_by("dpuuid", pl.col("trait_id").cast(pl.Int64)).agg(add=is_add.any())
+        .sort("dpuuid", ~pl.col("add"), "trait_id")
+    )
+    if max_signals_per_line is None:
+        return (signals.group_by("dpuuid", maintain_order=True)
+                .agg(_signal=signal.str.join(","))
+                .select(line=pl.col("dpuuid") + "\t" + pl.col("_signal"))
+                .collect())
+    chunk = pl.int_range(pl.len(), dtype=pl.UInt32).over("dpuuid") // max_signals_per_line
+    lines = (
+        signals.with_columns(_signal=signal, _chunk=chunk)
         .group_by("dpuuid", "_chunk", maintain_order=True)
         .agg(pl.col("_signal").str.join(","))
         .sort("dpuuid", "_chunk")

@@ -25,6 +25,7 @@ from pipeline.report import DeliveryReport, RunReport
 from pipeline.snapshot import Snapshots, make_workdir
 from pipeline.stages import export
 from pipeline.stages.ingest import Delivery, entry_md5s, find_deliveries
+from pipeline.stages.join import KEY_KINDS
 from pipeline.stores import Store, open_store
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,8 @@ def execute(config: Config, options: RunOptions, now: datetime | None = None,
         if not options.dry_run:
             lock = StateLock(state, run_id, now)
             lock.acquire()
-        snapshots = Snapshots(config.snapshot, config.default_country, workdir)
+        kinds = tuple(k for k in KEY_KINDS if any(k in f.kinds for f in config.feeds))
+        snapshots = Snapshots(config.snapshot, config.default_country, workdir, kinds)
         stores.append(snapshots)  # type: ignore[arg-type]  # has close()
         targets = {d.name: _keep(stores, open_store(d.target.url, d.target.options))
                    for d in config.destinations}

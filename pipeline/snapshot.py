@@ -25,14 +25,16 @@ _PARTITION = re.compile(r"(?:^|/)date=(\d{4}-\d{2}-\d{2})(?:/|$)")
 class Snapshots:
     """Loads the snapshot for a delivery date once per run (cached by chosen partition)."""
 
-    def __init__(self, location: Location, default_country: str | None, workdir: str) -> None:
+    def __init__(self, location: Location, default_country: str | None, workdir: str,
+                 kinds: tuple[str, ...] = ("ecid", "email", "phone", "crm")) -> None:
         self.location = location
+        self.kinds = kinds  # every key kind the run's feeds need: normalized in one pass
         self.default_country = default_country
         self.workdir = workdir
         self._cache: dict[str, pl.DataFrame] = {}
         self._store, self._files = _open(location)
         self._spill = Spill(os.path.join(workdir, "profiles"))
-        self._normalized: dict[tuple, int] = {}  # (label, kinds) -> profile count
+        self._normalized: dict[str, int] = {}  # partition label -> profile count
         self._indexes: dict[tuple, ProfileIndex] = {}
 
     def profiles(self, as_of: date | None) -> tuple[str, pl.DataFrame]:
@@ -57,18 +59,18 @@ class Snapshots:
         bounded by the slice size, and re-bucketed cheaply for another bucket count.
         """
         label, paths = _choose(self._files, as_of, self.location.url)
-        base = (label, kinds)
-        if base not in self._normalized:
-            self._normalized[base] = self._normalize(label, paths, kinds)
+        if label not in self._normalized:
+            self._normalized[label] = self._normalize(label, paths)
         ikey = (label, kinds, buckets)
         if ikey not in self._indexes:
             self._indexes[ikey] = self._bucketize(label, kinds, buckets)
         return self._indexes[ikey]
 
-    def _normalize(self, label: str, paths: list[str], kinds: tuple[str, ...]) -> int:
+    def _normalize(self, label: str, paths: list[str]) -> int:
         scan = _checked_scan([self._fetch(p) for p in paths], self.location.url)
         total = scan.select(pl.len()).collect().item()
-        name = _name("normalized", label, kinds)
+        kinds = self.kinds
+        name = _name("normalized", label)
         for offset in range(0, max(total, 1), SLICE_ROWS):
             table = profile_table(scan.slice(offset, SLICE_ROWS), self.default_country,
                                   kinds)
@@ -79,7 +81,7 @@ class Snapshots:
     def _bucketize(self, label: str, kinds: tuple[str, ...], buckets: int) -> ProfileIndex:
         keys_name = _name("keys", label, kinds, buckets)
         attrs_name = _name("attrs", label, kinds, buckets)
-        for part in self._spill.parts(_name("normalized", label, kinds)):
+        for part in self._spill.parts(_name("normalized", label)):
             source = pl.scan_parquet(part)
             keys = profile_keys(source, kinds).with_columns(_b=key_bucket(pl.col("key"), buckets))
             self._spill.write(keys_name, keys.collect(), bucket="_b")

@@ -16,9 +16,10 @@ def key_bucket(key: pl.Expr, buckets: int) -> pl.Expr:
 
 
 def text_bucket(value: pl.Expr, buckets: int) -> pl.Expr:
-    """Bucket of any string (profile IDs) through SHA-256, never pl.Expr.hash (not stable)."""
-    return key_bucket(plh.CryptographicHashingNameSpace(value.cast(pl.String)).sha2_256(),
-                      buckets)
+    """Bucket of any string (profile IDs) by xxh3, a fixed published hash (unlike
+    pl.Expr.hash, whose values may change between polars versions)."""
+    digest = plh.NonCryptographicHashingNameSpace(value.cast(pl.String)).xxh3_64()
+    return (digest % buckets).cast(pl.UInt32)
 
 
 class Spill:

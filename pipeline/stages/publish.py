@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import itertools
 import json
 import logging
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -142,17 +144,16 @@ class InboundWriter:
         count = -(-self.lines // per_file)
         folder = inbound_folder(self.ts)
         files: list[tuple[str, bytes | Path]] = []
-        with open(self.lines_path, "rb") as src:
+        with open(self.lines_path, "rb", buffering=_COPY) as src:
             for n in range(1, count + 1):
                 name = inbound_file_name(self.dest.dpid, self.ts, n if count > 1 else None,
                                          self.dest.gzip)
                 local = self.workdir / name
                 with _open_out(local, self.dest.gzip) as dst:
-                    for _ in range(per_file):
-                        line = src.readline()
-                        if not line:
-                            break
-                        dst.write(line)
+                    if count == 1:
+                        shutil.copyfileobj(src, dst, _COPY)
+                    else:
+                        dst.writelines(itertools.islice(src, per_file))
                 files.append((f"{folder}/{name}", local))
         return files
 
@@ -238,7 +239,8 @@ def _open_out(path: Path, gz: bool) -> Iterator[BinaryIO]:
             yield raw
             return
         # mtime=0 and no file name in the header: the same input gives the same bytes.
-        with gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0) as packed:
+        with gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0,
+                           compresslevel=6) as packed:
             yield packed  # type: ignore[misc]  # GzipFile is a binary file
 
 
