@@ -11,6 +11,7 @@ from pipeline import identity
 from pipeline.config import FeedConfig
 from pipeline.formats import parse_lines
 
+_HEX64 = r"^\s*[0-9a-fA-F]{64}\s*$"
 REJECT_REASONS = ("format_error", "invalid_id", "decrypt_failure")
 BAD_UTF8 = "\ufffd"
 
@@ -34,8 +35,11 @@ def resolve(parsed: pl.LazyFrame, feed: FeedConfig, default_country: str | None)
     if feed.id_encoding in ("encrypted", "auto"):
         # Materialized once: the UDFs (AES, phone parsing) must not run again in every
         # branch that reads them.
-        frame = frame.with_columns(_decrypted=pl.when(ok_format).then(
-            identity.decrypt_expr(user_id, feed.decryption, feed.key, feed.iv)))
+        # Masked rows reach the UDF as nulls, which cost nothing. A 64-hex value is a hash:
+        # a token's Base64 is never all hex digits in practice ((16/64)^64).
+        candidates = pl.when(ok_format & ~user_id.str.contains(_HEX64)).then(user_id)
+        frame = frame.with_columns(_decrypted=identity.decrypt_expr(
+            candidates, feed.decryption, feed.key, feed.iv))
         parts = normalized_parts(feed.kinds, pl.col("_decrypted"), country)
         frame = frame.with_columns(**{f"_dec_{kind}": part for kind, part in parts.items()})
         decrypted = {kind: pl.col(f"_dec_{kind}") for kind in parts}
