@@ -105,3 +105,19 @@ def test_cli_bad_config_subprocess_no_traceback(tmp_path):
 def test_cli_usage_error_exit_2(capsys):
     assert main(["run"]) == 2  # --config missing
     assert main(["backfill", "--config", "x", "--from", "2024-13-01", "--to", "2024-01-01"]) == 2
+
+
+def test_export_feed_needs_audiences_destination(tmp_path):
+    feed = 'kind = "campaign_export"'
+    with pytest.raises(ConfigError, match=r"feeds\.f\.kind: campaign_export needs an aam_inbound"):
+        load_config(write(tmp_path, feed, DEST), {})
+    ok = DEST + '\naudiences = { "vip" = 9100 }'
+    assert load_config(write(tmp_path, feed, ok), {}).feeds[0].kind == "campaign_export"
+
+
+def test_mixed_id_kinds(tmp_path):
+    feed = 'id_type = ["declared", "ecid"]\nid_kind = ["phone", "email"]'
+    config = load_config(write(tmp_path, feed, DEST), {})
+    assert config.feeds[0].kinds == ("ecid", "email", "phone")
+    with pytest.raises(ConfigError, match=r"feeds\.f\.id_kind: must be one of"):
+        load_config(write(tmp_path, 'id_kind = ["email", "fax"]', DEST), {})
