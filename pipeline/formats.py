@@ -53,7 +53,8 @@ class OutboundName:
         return self.folder_date
 
 
-def _folder_date(folder: str) -> date | None:
+def date_of_folder(folder: str) -> date | None:
+    """Date of the innermost `date=YYYY-MM-DD` folder of a path, if any."""
     # The innermost `date=` segment wins; an impossible date (2017-02-30) is ignored.
     for segment in reversed(folder.split("/")):
         match = _FOLDER_DATE.fullmatch(segment)
@@ -127,7 +128,7 @@ def parse_outbound_name(path: str) -> OutboundName | None:
         timestamp_ms=timestamp_ms,
         split=split,
         gzip=suffix.group(1) is not None,
-        folder_date=_folder_date(folder),
+        folder_date=date_of_folder(folder),
     )
 
 

@@ -32,7 +32,7 @@ from pipeline.errors import (
     SchemaError,
     TransientError,
 )
-from pipeline.formats import valid_dpuuid
+from pipeline.formats import date_of_folder, valid_dpuuid
 from pipeline.ledger import LedgerEntry
 from pipeline.membership import Head, MembershipState, base_version, diff
 from pipeline.report import DeliveryReport
@@ -46,7 +46,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 _SUFFIX = re.compile(r"\.(csv|csv\.gz|parquet)\Z", re.IGNORECASE)
 _DIGITS = re.compile(r"(?<![0-9])[0-9]+(?![0-9])")
-_FOLDER_DATE = re.compile(r"date=([0-9]{4}-[0-9]{2}-[0-9]{2})")
 _SEPARATORS = (",", ";", "\t", "|")
 _EXTRA = "_extra_fields"  # catches rows with more fields than the header
 DAY = 86_400
@@ -108,7 +107,7 @@ def export_file(path: str, size: int) -> ExportFile:
     exact, day = _name_time(stem)
     if exact is not None:
         return ExportFile(path, size, root, exact, datetime.fromtimestamp(exact, UTC).date())
-    day = day or _folder_date(folder)
+    day = day or date_of_folder(folder)
     midnight = int(datetime(day.year, day.month, day.day, tzinfo=UTC).timestamp()) if day else 0
     return ExportFile(path, size, root, midnight + zlib.crc32(root.encode()) % DAY, day)
 
@@ -126,16 +125,6 @@ def _name_time(stem: str) -> tuple[int | None, date | None]:
                 return (int(moment.timestamp()), None) if width == 14 else (None, moment.date())
     return None, None
 
-
-def _folder_date(folder: str) -> date | None:
-    for segment in reversed(folder.split("/")):
-        match = _FOLDER_DATE.fullmatch(segment)
-        if match:
-            try:
-                return date.fromisoformat(match.group(1))
-            except ValueError:
-                return None
-    return None
 
 
 # --------------------------------------------------------------------------------------------
