@@ -352,8 +352,11 @@ def resolve(con: duckdb.DuckDBPyConnection, feed: Feed) -> None:
     """
     join, decrypted = "", None
     if feed.encoding in ("encrypted", "auto"):
+        # Base64-shaped and long enough for nonce + tag; a 64-hex value is a hash, never a
+        # token (as in the pipeline: a token's Base64 is all hex digits with p = (1/4)^64).
         shape = ("regexp_full_match(strip_ws(user_id), '[A-Za-z0-9+/_-]+={0,2}') "
-                 "AND length(strip_ws(user_id)) >= 38")
+                 "AND length(strip_ws(user_id)) >= 38 "
+                 "AND NOT regexp_full_match(strip_ws(user_id), '[0-9A-Fa-f]{64}')")
         min_plain = MIN_ID_BYTES[feed.kind] if feed.encoding == "auto" else 0
         with step("decrypt (python)"):
             map_in_python(con, f"SELECT DISTINCT user_id AS v FROM parsed "

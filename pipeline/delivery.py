@@ -58,8 +58,8 @@ def process_delivery(ctx: Context, feed: FeedConfig, source: Store, delivery: De
     spill.clear()
     buckets = bucket_count(delivery, ctx.snapshots.size(delivery.date))
     plan = Plan(feed, delivery, buckets, spill)
-    ingest(ctx, plan, source, rep)
     profiles = ctx.snapshots.index(delivery.date, feed.kinds, buckets)
+    ingest(ctx, plan, source, rep, profiles.phones)
     match(plan, profiles, rep)
     _check_ratio(feed, rep)
     key = publish.DeliveryKey(feed.name, delivery.root,
@@ -82,11 +82,13 @@ def process_delivery(ctx: Context, feed: FeedConfig, source: Store, delivery: De
     spill.clear()
 
 
-def ingest(ctx: Context, plan: Plan, source: Store, rep: DeliveryReport) -> None:
+def ingest(ctx: Context, plan: Plan, source: Store, rep: DeliveryReport,
+           known_phones: pl.DataFrame | None = None) -> None:
     """Pass 1: parse and resolve chunk by chunk; spill resolved rows and rejects."""
     for chunk in read_chunks(source, plan.delivery):
         parsed = resolve.parse(chunk.lazy())
-        resolved = resolve.resolve(parsed, plan.feed, ctx.config.default_country).collect()
+        resolved = resolve.resolve(parsed, plan.feed, ctx.config.default_country,
+                                   known_phones).collect()
         rep.records_received += resolved.height
         for name, value in resolve.count_rejects(resolved).items():
             setattr(rep, name, getattr(rep, name) + value)

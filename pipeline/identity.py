@@ -67,8 +67,12 @@ def _stripped(expr: pl.Expr) -> pl.Expr:
     return expr.cast(pl.String).str.strip_chars()
 
 
-def normalize_phone(expr: pl.Expr, default_country: pl.Expr | str | None) -> pl.Expr:
+def normalize_phone(expr: pl.Expr, default_country: pl.Expr | str | None,
+                    known: pl.DataFrame | None = None) -> pl.Expr:
     """E.164 via `phonenumbers` with a default region; null if unparsable, impossible or invalid.
+
+    `known` (number, region, e164) holds results computed before, e.g. on the profile side
+    (see `known_phones`): pairs found there skip `phonenumbers`, with the very same result.
 
     `default_country` is an ISO-3166 alpha-2 literal, a per-row expression (a null region
     accepts only international `+...` numbers), or None. Parsing runs once per distinct
@@ -86,9 +90,31 @@ def normalize_phone(expr: pl.Expr, default_country: pl.Expr | str | None) -> pl.
         country = _stripped(default_country).str.to_uppercase()
     # The struct is named after its first field, so the result keeps the input's name.
     pairs = pl.struct(_stripped(expr), country.alias("__default_region__"))
+    parse = _e164_all if known is None else (lambda uniques: _e164_known(uniques, known))
     return pairs.map_batches(
-        lambda batch: _map_unique(batch, _e164_all), return_dtype=pl.String, is_elementwise=True
+        lambda batch: _map_unique(batch, parse), return_dtype=pl.String, is_elementwise=True
     )
+
+
+def known_phones(numbers: pl.Expr, regions: pl.Expr, e164: pl.Expr) -> list[pl.Expr]:
+    """Columns of a `known` table for `normalize_phone` from already-normalized phones."""
+    return [_stripped(numbers).alias("number"),
+            _stripped(regions).str.to_uppercase().alias("region"), e164.alias("e164")]
+
+
+def _e164_known(pairs: pl.Series, known: pl.DataFrame) -> list[str | None]:
+    """Look pairs up in `known` first: by (number, region), and a `+...` number equal to a
+    known E.164 result is that result whatever the region (phonenumbers ignores it then)."""
+    asked = pairs.struct.unnest()
+    asked.columns = ["number", "region"]
+    exact = asked.join(known, on=["number", "region"], how="left", maintain_order="left",
+                       nulls_equal=True, validate="m:1")["e164"]
+    plus = asked.join(known.select(number="e164", e164_plus="e164").unique(), on="number",
+                      how="left", maintain_order="left")["e164_plus"]
+    found = exact.fill_null(plus)
+    missing = asked.filter(found.is_null())
+    computed = iter(_e164_all(missing.to_struct()) if missing.height else [])
+    return [value if value is not None else next(computed) for value in found.to_list()]
 
 
 def _e164_all(pairs: pl.Series) -> list[str | None]:
@@ -107,10 +133,11 @@ def _e164(number: str | None, region: str | None) -> str | None:
     return phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
 
 
-def normalize(kind: str, expr: pl.Expr, default_country: pl.Expr | str | None = None) -> pl.Expr:
+def normalize(kind: str, expr: pl.Expr, default_country: pl.Expr | str | None = None,
+              known_phones: pl.DataFrame | None = None) -> pl.Expr:
     """Normalize a plain ID of `kind` (ecid | email | phone | crm); invalid IDs become null."""
     if kind == "phone":
-        return normalize_phone(expr, default_country)
+        return normalize_phone(expr, default_country, known_phones)
     factories = {"ecid": normalize_ecid, "email": normalize_email, "crm": normalize_crm}
     if kind not in factories:
         raise ConfigError(f"id kind {kind!r} must be one of {', '.join(KINDS)}")

@@ -14,7 +14,7 @@ import polars as pl
 from pipeline.config import Location
 from pipeline.errors import FatalError, SchemaError
 from pipeline.spill import Spill, key_bucket, text_bucket
-from pipeline.stages.join import profile_keys, profile_table, unique_keys
+from pipeline.stages.join import known_phones, profile_keys, profile_table, unique_keys
 from pipeline.stores import open_store
 from pipeline.tables import check_columns, check_rows
 
@@ -88,7 +88,11 @@ class Snapshots:
             attrs = source.select(ATTRS).with_columns(
                 _b=text_bucket(pl.col("profile_id"), buckets))
             self._spill.write(attrs_name, attrs.collect(), bucket="_b")
-        return ProfileIndex(self._spill, keys_name, attrs_name, buckets)
+        phones = None
+        if "phone" in kinds:
+            normalized = self._spill.scan(_name("normalized", label))
+            phones = known_phones(normalized).collect() if normalized is not None else None
+        return ProfileIndex(self._spill, keys_name, attrs_name, buckets, phones)
 
     def _fetch(self, path: str) -> str:
         root = getattr(self._store, "root", None)
@@ -141,8 +145,10 @@ ATTRS = ("profile_id", "email_key", "crm_id", "ecid")
 class ProfileIndex:
     """One snapshot's profile keys and attributes, split into buckets on local disk."""
 
-    def __init__(self, spill: Spill, keys: str, attrs: str, buckets: int) -> None:
+    def __init__(self, spill: Spill, keys: str, attrs: str, buckets: int,
+                 phones: pl.DataFrame | None = None) -> None:
         self.spill, self.keys_name, self.attrs_name, self.buckets = spill, keys, attrs, buckets
+        self.phones = phones  # (number, region, e164) for the feed side to reuse
 
     def keys(self, bucket: int) -> pl.LazyFrame:
         """(key, matched_on, profile_id, suppressed) of one key bucket, one row per key."""

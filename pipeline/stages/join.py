@@ -30,7 +30,7 @@ def profile_table(snapshot: pl.LazyFrame, default_country: str | None,
     country = col("country").str.strip_chars().str.to_uppercase()
     if default_country:
         country = country.fill_null(default_country)
-    phone = (identity.sha256_hex(identity.normalize("phone", col("phone"), country))
+    phone = (identity.normalize("phone", col("phone"), country)
              if "phone" in kinds else pl.lit(None, pl.String))
     return snapshot.select(
         profile_id=col("profile_id"),
@@ -38,11 +38,22 @@ def profile_table(snapshot: pl.LazyFrame, default_country: str | None,
         ecid=identity.normalize("ecid", col("ecid")),
         crm_id=identity.normalize("crm", col("crm_id")),
         email_key=identity.sha256_hex(identity.normalize("email", col("email"))),
-        phone_key=phone,
+        phone_e164=phone,
+        phone=col("phone"),
+        country=country,
     ).with_columns(
+        phone_key=identity.sha256_hex(pl.col("phone_e164")),
         ecid_key=identity.sha256_hex(pl.col("ecid")),
         crm_key=identity.sha256_hex(pl.col("crm_id")),
     )
+
+
+def known_phones(profiles: pl.LazyFrame) -> pl.LazyFrame:
+    """(number, region, e164) the snapshot already normalized: the feed side reuses them."""
+    return (profiles.filter(pl.col("phone_e164").is_not_null())
+            .select(identity.known_phones(pl.col("phone"), pl.col("country"),
+                                          pl.col("phone_e164")))
+            .unique(subset=["number", "region"], keep="first", maintain_order=True))
 
 
 def profile_keys(profiles: pl.LazyFrame, kinds: tuple[str, ...]) -> pl.LazyFrame:

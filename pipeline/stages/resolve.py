@@ -25,8 +25,12 @@ def parse(lines: pl.LazyFrame) -> pl.LazyFrame:
     )
 
 
-def resolve(parsed: pl.LazyFrame, feed: FeedConfig, default_country: str | None) -> pl.LazyFrame:
-    """Add `key` (SHA-256 hex), `contact` (decrypted address) and `reject` (reason or null)."""
+def resolve(parsed: pl.LazyFrame, feed: FeedConfig, default_country: str | None,
+            known_phones: pl.DataFrame | None = None) -> pl.LazyFrame:
+    """Add `key` (SHA-256 hex), `contact` (decrypted address) and `reject` (reason or null).
+
+    `known_phones` (number, region, e164) spares phone parsing for numbers normalized before.
+    """
     country = feed.default_country or default_country
     user_id = pl.col("user_id")
     ok_format = pl.col("format_error").is_null()
@@ -40,10 +44,10 @@ def resolve(parsed: pl.LazyFrame, feed: FeedConfig, default_country: str | None)
         candidates = pl.when(ok_format & ~user_id.str.contains(_HEX64)).then(user_id)
         frame = frame.with_columns(_decrypted=identity.decrypt_expr(
             candidates, feed.decryption, feed.key, feed.iv))
-        parts = normalized_parts(feed.kinds, pl.col("_decrypted"), country)
+        parts = normalized_parts(feed.kinds, pl.col("_decrypted"), country, known_phones)
         frame = frame.with_columns(**{f"_dec_{kind}": part for kind, part in parts.items()})
         decrypted = {kind: pl.col(f"_dec_{kind}") for kind in parts}
-    key, contact = _key_and_contact(feed, user_id, decrypted, country)
+    key, contact = _key_and_contact(feed, user_id, decrypted, country, known_phones)
     decrypt_failed = (
         pl.col("_decrypted").is_null() if feed.id_encoding == "encrypted" else pl.lit(False)
     )
@@ -69,7 +73,8 @@ CONTACT_KINDS = ("email", "phone")
 
 
 def _key_and_contact(feed: FeedConfig, user_id: pl.Expr, decrypted: dict[str, pl.Expr],
-                     country: str | None) -> tuple[pl.Expr, pl.Expr]:
+                     country: str | None, known: pl.DataFrame | None
+                     ) -> tuple[pl.Expr, pl.Expr]:
     """Key and contact expressions for the feed's ID kinds and encoding.
 
     `decrypted` holds the decrypted value normalized as each of the feed's kinds (in
@@ -78,7 +83,8 @@ def _key_and_contact(feed: FeedConfig, user_id: pl.Expr, decrypted: dict[str, pl
     no_contact = pl.lit(None, pl.String)
     encoding = feed.id_encoding
     if encoding == "plain":
-        return identity.sha256_hex(normalize_any(feed.kinds, user_id, country)), no_contact
+        return (identity.sha256_hex(normalize_any(feed.kinds, user_id, country, known)),
+                no_contact)
     if encoding == "sha256":
         return identity.parse_incoming_hash(user_id), no_contact
     normalized_dec = _first(list(decrypted.values()))
@@ -95,7 +101,7 @@ def _key_and_contact(feed: FeedConfig, user_id: pl.Expr, decrypted: dict[str, pl
     key = (
         pl.when(decrypted_ok).then(identity.sha256_hex(normalized_dec))
         .when(identity.looks_hashed(user_id)).then(identity.parse_incoming_hash(user_id))
-        .otherwise(identity.sha256_hex(normalize_any(feed.kinds, user_id, country)))
+        .otherwise(identity.sha256_hex(normalize_any(feed.kinds, user_id, country, known)))
     )
     return key, pl.when(decrypted_ok).then(contact)
 
@@ -109,25 +115,26 @@ def _first(parts: list[pl.Expr]) -> pl.Expr:
 _PHONE_SHAPE = r"^\+?[0-9][0-9 ().\-]{3,}$"
 
 
-def normalize_any(kinds: tuple[str, ...], value: pl.Expr, country: str | None) -> pl.Expr:
+def normalize_any(kinds: tuple[str, ...], value: pl.Expr, country: str | None,
+                  known_phones: pl.DataFrame | None = None) -> pl.Expr:
     """Normalize as the first kind that accepts the value (kinds in detection order)."""
-    return _first(list(normalized_parts(kinds, value, country).values()))
+    return _first(list(normalized_parts(kinds, value, country, known_phones).values()))
 
 
-def normalized_parts(kinds: tuple[str, ...], value: pl.Expr,
-                     country: str | None) -> dict[str, pl.Expr]:
+def normalized_parts(kinds: tuple[str, ...], value: pl.Expr, country: str | None,
+                     known_phones: pl.DataFrame | None = None) -> dict[str, pl.Expr]:
     """The value normalized as each kind (null where that kind rejects it), in kinds order.
 
     Phone parsing is costly, so in a mixed feed it only sees values shaped like a number.
     """
     if len(kinds) == 1:
-        return {kinds[0]: identity.normalize(kinds[0], value, country)}
+        return {kinds[0]: identity.normalize(kinds[0], value, country, known_phones)}
     parts: dict[str, pl.Expr] = {}
     for kind in kinds:
         source = value
         if kind == "phone":
             source = pl.when(value.str.strip_chars().str.contains(_PHONE_SHAPE)).then(value)
-        parts[kind] = identity.normalize(kind, source, country)
+        parts[kind] = identity.normalize(kind, source, country, known_phones)
     return parts
 
 
