@@ -36,6 +36,14 @@ class DeliveryReport:
         """SPEC §6: every received record is in exactly one count."""
         return self.records_received == self.rejected + self.matched + self.unmatched
 
+    def reset_counts(self) -> None:
+        """Back to zero counts and no outputs (a retry, or a delivery that could not be read)."""
+        for name in COUNTS:
+            setattr(self, name, 0)
+        for collection in (self.rows_written, self.unmapped_segments, self.missing_ids,
+                           self.outputs):
+            collection.clear()
+
     def counts(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in COUNTS}
 

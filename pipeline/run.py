@@ -131,6 +131,8 @@ def process(ctx: Context, feed: FeedConfig, source: Store, delivery: Delivery) -
     except (IncompleteDelivery, DeliveryFailed, TransientError) as exc:
         rep.status = "incomplete" if isinstance(exc, IncompleteDelivery) else "failed"
         rep.reason = str(exc)
+        if not rep.balanced():  # stopped while counting: its records were not all read
+            rep.reset_counts()
         log.error("feed=%s delivery=%s status=%s reason=%s", feed.name, delivery.root,
                   rep.status, exc)
     if not ctx.options.dry_run:
@@ -156,8 +158,7 @@ def _with_retries(step: Callable[[], None], delays: tuple[float, ...], what: str
 
 def _attempt(ctx: Context, feed: FeedConfig, source: Store, delivery: Delivery,
              rep: DeliveryReport) -> None:
-    fresh = DeliveryReport(feed=rep.feed, delivery=rep.delivery, date=rep.date)
-    rep.__dict__.update(fresh.__dict__)  # a retry starts from scratch
+    rep.reset_counts()  # a retry starts from scratch
     process_delivery(ctx, feed, source, delivery, rep)
     rep.status = "dry_run" if ctx.options.dry_run else "processed"
     log.info("feed=%s delivery=%s status=%s received=%d matched=%d rejected=%d",

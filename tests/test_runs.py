@@ -263,3 +263,17 @@ def test_inbound_split_files_and_gzip_are_deterministic(env, capsys):
     texts = [gzip.decompress((env / "out/ec/date=2017-02-03" / n).read_bytes()).decode()
              for n in names]
     assert [t.count("\n") for t in texts] == [2, 1]
+
+
+def test_failed_delivery_counts_still_add_up(env, capsys):
+    files = put(env, ROOT1)
+    split2 = f"{ROOT1}-2.sync.gz"
+    data = bytearray(files[split2])
+    data[-5] ^= 0xFF  # md5 mismatch found only after split 1 was read and counted
+    (env / "in" / split2).write_bytes(bytes(data))
+    code, report = run_json(config(env), capsys=capsys)
+    d = report["deliveries"][0]
+    assert d["status"] == "failed"
+    received = d["records_received"]
+    assert received == (d["format_errors"] + d["invalid_ids"] + d["decrypt_failures"]
+                        + d["matched"] + d["unmatched"])
