@@ -42,6 +42,14 @@ class RunOptions:
     dry_run: bool = False
     retry_delays: tuple[float, ...] = (2.0, 10.0)  # waits before 2nd and 3rd attempts
 
+    def wants(self, day: date | None) -> bool:
+        """Whether a delivery of this date is selected by --date / --from / --to."""
+        if self.day and day != self.day:
+            return False
+        if self.date_from and (day is None or day < self.date_from):
+            return False
+        return not (self.date_to and (day is None or day > self.date_to))
+
 
 @dataclass
 class Context:
@@ -99,14 +107,7 @@ def execute(config: Config, options: RunOptions, now: datetime | None = None,
 
 
 def _selected(deliveries: list[Delivery], options: RunOptions) -> list[Delivery]:
-    def keep(d: Delivery) -> bool:
-        if options.day and d.date != options.day:
-            return False
-        if options.date_from and (d.date is None or d.date < options.date_from):
-            return False
-        return not (options.date_to and (d.date is None or d.date > options.date_to))
-
-    return [d for d in deliveries if keep(d)]
+    return [d for d in deliveries if options.wants(d.date)]
 
 
 def process(ctx: Context, feed: FeedConfig, source: Store, delivery: Delivery) -> DeliveryReport:

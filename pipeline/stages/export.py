@@ -293,11 +293,7 @@ def process_export(ctx: Context, feed: FeedConfig, source: Store) -> Iterator[De
 
 
 def _selected(files: list[ExportFile], ctx: Context) -> list[ExportFile]:
-    o = ctx.options
-    return [f for f in files
-            if not (o.day and f.date != o.day)
-            and not (o.date_from and (f.date is None or f.date < o.date_from))
-            and not (o.date_to and (f.date is None or f.date > o.date_to))]
+    return [f for f in files if ctx.options.wants(f.date)]
 
 
 def _process(ctx: Context, feed: FeedConfig, source: Store, f: ExportFile,
