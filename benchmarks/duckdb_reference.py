@@ -368,9 +368,7 @@ def resolve(con: duckdb.DuckDBPyConnection, feed: Feed) -> None:
         values = "SELECT strip_ws(user_id) FROM parsed WHERE format_error IS NULL"
         if decrypted:
             values += " UNION SELECT strip_ws(out) FROM dec WHERE out IS NOT NULL"
-        with step("phone parse (python)"):
-            map_in_python(con, f"SELECT DISTINCT v, '{feed.country}' AS region "
-                          f"FROM ({values}) t(v)", "ph", e164)
+        phone_map(con, values, feed.country)
         join += " LEFT JOIN ph AS ph_u ON ph_u.v = strip_ws(p.user_id)"
         if decrypted:
             join += f" LEFT JOIN ph AS ph_d ON ph_d.v = strip_ws({decrypted})"
@@ -409,6 +407,37 @@ def resolve(con: duckdb.DuckDBPyConnection, feed: Feed) -> None:
         FROM k
         """)
     con.execute("DROP TABLE IF EXISTS dec; DROP TABLE IF EXISTS ph; DROP TABLE parsed")
+
+
+def phone_map(con: duckdb.DuckDBPyConnection, values: str, region: str | None) -> None:
+    """`ph(v, out)`: E.164 of each distinct feed value, reusing the profiles' results.
+
+    As the pipeline does: a (number, region) pair parsed on the profile side is not parsed
+    again, and a `+...` number equal to a profile's E.164 result is that result (libphonenumber
+    ignores the region then). Only the rest goes to Python.
+    """
+    known = "EXISTS (SELECT 1 FROM duckdb_tables() WHERE table_name = 'pph')"
+    have_profiles = con.execute(f"SELECT {known}").fetchall()[0][0]
+    with step("phone parse (python)"):
+        con.execute(f"CREATE OR REPLACE TEMP TABLE ph_ask AS SELECT DISTINCT v "
+                    f"FROM ({values}) t(v) WHERE v IS NOT NULL")
+        if have_profiles:
+            con.execute(f"""
+            CREATE OR REPLACE TEMP TABLE ph_known AS
+            SELECT a.v, coalesce(k.out, e.out) AS out
+            FROM ph_ask a
+            LEFT JOIN pph k ON k.v = a.v AND k.region IS NOT DISTINCT FROM '{region}'
+            LEFT JOIN (SELECT DISTINCT out FROM pph WHERE out IS NOT NULL) e ON e.out = a.v
+            WHERE k.v IS NOT NULL OR e.out IS NOT NULL
+            """)
+        else:
+            con.execute("CREATE OR REPLACE TEMP TABLE ph_known AS "
+                        "SELECT v, NULL::VARCHAR AS out FROM ph_ask WHERE false")
+        map_in_python(con, f"SELECT v, '{region}' AS region FROM ph_ask "
+                      "ANTI JOIN ph_known USING (v)", "ph_new", e164)
+        con.execute("CREATE OR REPLACE TEMP TABLE ph AS SELECT v, out FROM ph_known "
+                    "UNION ALL SELECT v, out FROM ph_new")
+        con.execute("DROP TABLE ph_ask; DROP TABLE ph_known; DROP TABLE ph_new")
 
 
 # Shortest valid ID of each kind in bytes (x@y.z; 38 digits; phones and CRM IDs are left to
@@ -468,7 +497,7 @@ def load_profiles(con: duckdb.DuckDBPyConnection, s: Settings, kinds: set[str],
             {"sha256(crm_norm(" + col('crm_id') + "))" if "crm" in kinds else "NULL"} AS crm_key
         FROM snap{phone_join}
         """)
-    con.execute("DROP TABLE IF EXISTS pph")
+    # `pph` stays: feeds reuse the profiles' results (see phone_map).
 
 
 def profile_keys(con: duckdb.DuckDBPyConnection, kind: str) -> str:
