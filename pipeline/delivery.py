@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from pipeline.run import Context
 
 log = logging.getLogger(__name__)
-LINES_PER_BUCKET = 2_000_000  # resolved rows held in memory at once
+LINES_PER_BUCKET = 1_000_000  # resolved rows held in memory at once
 PROFILES_PER_BUCKET = 1_000_000
 RESOLVED = ("key", "file_seq", "line_no", "added", "removed", "contact")
 

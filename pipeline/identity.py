@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import multiprocessing
 import os
 import re
 from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
 
 import phonenumbers
 import polars as pl
@@ -117,8 +119,24 @@ def _e164_known(pairs: pl.Series, known: pl.DataFrame) -> list[str | None]:
     return [value if value is not None else next(computed) for value in found.to_list()]
 
 
+PARALLEL_MIN = 100_000  # distinct numbers worth a process pool (workers start in ~1 s)
+
+
 def _e164_all(pairs: pl.Series) -> list[str | None]:
-    return [_e164(number, region) for number, region in pairs.struct.unnest().iter_rows()]
+    rows = list(pairs.struct.unnest().iter_rows())
+    workers = min(os.cpu_count() or 1, 8)
+    if len(rows) < PARALLEL_MIN or workers < 2:
+        return _e164_rows(rows)
+    # phonenumbers is pure Python, so threads would queue on the GIL: use processes.
+    # "spawn" starts clean interpreters (no inherited polars threads or locks).
+    size = -(-len(rows) // workers)
+    chunks = [rows[i:i + size] for i in range(0, len(rows), size)]
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return [e164 for part in pool.map(_e164_rows, chunks) for e164 in part]
+
+
+def _e164_rows(rows: list[tuple[str | None, str | None]]) -> list[str | None]:
+    return [_e164(number, region) for number, region in rows]
 
 
 def _e164(number: str | None, region: str | None) -> str | None:

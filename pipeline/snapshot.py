@@ -138,7 +138,7 @@ def _choose(files: list[str], as_of: date | None, url: str) -> tuple[str, list[s
     return eligible[-1], sorted(parts[eligible[-1]])
 
 
-SLICE_ROWS = 250_000
+SLICE_ROWS = 500_000  # each slice is one batch of phone parsing
 ATTRS = ("profile_id", "email_key", "crm_id", "ecid")
 
 

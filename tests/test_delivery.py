@@ -81,7 +81,7 @@ def test_buckets_and_chunks_do_not_change_records(tmp_path, capsys, monkeypatch)
                               for q in quarantine)
 
 
-@pytest.mark.parametrize("lines,profiles,expected", [(10, 10, 1), (4_000_001, 10, 3),
+@pytest.mark.parametrize("lines,profiles,expected", [(10, 10, 1), (2_000_001, 10, 3),
                                                      (10, 2_500_000, 3)])
 def test_bucket_count(lines, profiles, expected):
     from pipeline.formats import InfoFile

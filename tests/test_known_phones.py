@@ -25,3 +25,11 @@ def test_known_phones_give_the_same_results():
         slow = ASKED.select(identity.normalize_phone(pl.col("p"), region))
         assert_frame_equal(fast, slow)
     assert fast["p"].to_list()[2] == "+33612345678"
+
+
+def test_process_pool_gives_the_same_results(monkeypatch):
+    numbers = pl.DataFrame({"p": [f"06{i:08d}" for i in range(40)] + ["12", None]})
+    serial = numbers.select(identity.normalize_phone(pl.col("p"), "FR"))
+    monkeypatch.setattr(identity, "PARALLEL_MIN", 10)
+    parallel = numbers.select(identity.normalize_phone(pl.col("p"), "FR"))
+    assert_frame_equal(parallel, serial)

@@ -104,7 +104,7 @@ def _delivery(store: Store, feed: str, folder: str, root: str, files: list[Outbo
     return Delivery(feed, root, folder, tuple(listed), info, problem)
 
 
-CHUNK_BYTES = 64 << 20  # text per in-memory chunk: bounds memory whatever the file size
+CHUNK_BYTES = 32 << 20  # text per in-memory chunk: bounds memory whatever the file size
 _BLOCK = 8 << 20
 
 
