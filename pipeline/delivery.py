@@ -41,6 +41,7 @@ class Plan:
     delivery: Delivery
     buckets: int
     spill: Spill
+    contacts: bool = False  # a no_profile_contacts destination wants unmatched addresses
 
 
 def bucket_count(delivery: Delivery, profiles: int) -> int:
@@ -58,7 +59,8 @@ def process_delivery(ctx: Context, feed: FeedConfig, source: Store, delivery: De
     spill = Spill(Path(ctx.workdir) / "delivery")
     spill.clear()
     buckets = bucket_count(delivery, ctx.snapshots.size(delivery.date))
-    plan = Plan(feed, delivery, buckets, spill)
+    contacts = any(d.kind == "no_profile_contacts" for d in ctx.config.destinations)
+    plan = Plan(feed, delivery, buckets, spill, contacts)
     # The snapshot's first normalization is mostly Python (phone parsing) and reading the
     # delivery mostly polars, which releases the GIL: overlapping them uses both cores.
     # A phone feed waits, as it reuses the snapshot's phone results.
@@ -120,8 +122,9 @@ def match(plan: Plan, profiles, rep: DeliveryReport) -> None:
         lazy = joined.lazy()
         plan.spill.write("mentions", join.segment_rows(lazy).with_columns(
             _b=text_bucket(pl.col("profile_id"), plan.buckets)).collect(), bucket="_b")
-        plan.spill.write("contacts", join.contact_rows(lazy).with_columns(
-            _b=text_bucket(pl.col("profile_id"), plan.buckets)).collect(), bucket="_b")
+        if plan.contacts:
+            plan.spill.write("contacts", join.contact_rows(lazy).with_columns(
+                _b=text_bucket(pl.col("profile_id"), plan.buckets)).collect(), bucket="_b")
 
 
 def build(ctx: Context, plan: Plan, profiles, key: publish.DeliveryKey

@@ -385,30 +385,6 @@ def parse_lines(lines: pl.LazyFrame) -> pl.LazyFrame:
     )
 
 
-def merge_segments(parsed: pl.LazyFrame, key: str) -> pl.LazyFrame:
-    """One row per (key, segment_id) with the winning `action` ("add" | "remove").
-
-    The later line (file_seq, then line_no) wins; within one line the removal wins.
-    Rows whose lists are null (format errors) contribute nothing.
-    """
-
-    def signals(column: str, action: str, rank: int) -> pl.LazyFrame:
-        return (
-            parsed.select(key, "file_seq", "line_no", pl.col(column).alias("segment_id"))
-            .explode("segment_id")
-            .with_columns(action=pl.lit(action), _rank=pl.lit(rank, dtype=pl.UInt8))
-        )
-
-    return (
-        pl.concat([signals("added", "add", 0), signals("removed", "remove", 1)])
-        .filter(pl.col("segment_id").is_not_null())
-        .sort(key, "segment_id", "file_seq", "line_no", "_rank")
-        .unique(subset=[key, "segment_id"], keep="last", maintain_order=True)
-        .select(key, pl.col("segment_id").cast(pl.UInt32), "action")
-        .sort(key, "segment_id")
-    )
-
-
 # --------------------------------------------------------------------------------------------
 # AAM inbound (us -> Experience Cloud) files
 # --------------------------------------------------------------------------------------------

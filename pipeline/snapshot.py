@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import posixpath
 import re
 import tempfile
 from datetime import date
@@ -193,11 +192,6 @@ def _checked_scan(paths: list[str], url: str) -> pl.LazyFrame:
 
 def _load(paths: list[str], url: str, default_country: str | None) -> pl.DataFrame:
     return profile_table(_checked_scan(paths, url), default_country).collect()
-
-
-def partition_of(path: str) -> str | None:
-    m = _PARTITION.search(posixpath.dirname(path))
-    return m.group(1) if m else None
 
 
 def make_workdir() -> str:

@@ -20,7 +20,6 @@ from pipeline.formats import (
     inbound_folder,
     inbound_lines,
     info_name,
-    merge_segments,
     parse_info,
     parse_lines,
     parse_outbound_name,
@@ -28,6 +27,7 @@ from pipeline.formats import (
     split_lines,
     valid_dpuuid,
 )
+from pipeline.stages import join
 
 TS = 1486140844000  # 2017-02-03T16:54:04Z
 
@@ -499,7 +499,7 @@ def test_parse_lines_empty_input_keeps_schema() -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# merge_segments
+# merging segments (the rule lives in pipeline.stages.join)
 # --------------------------------------------------------------------------------------------
 
 
@@ -515,7 +515,15 @@ def _merge(rows: list[tuple[str, int, int, list[int] | None, list[int] | None]])
         },
         orient="row",
     )
-    return merge_segments(frame, "uid").collect()
+    return _audience(frame, "uid")
+
+
+def _audience(frame: pl.LazyFrame, key: str) -> pl.DataFrame:
+    """The pipeline's merge rule (stages.join), applied with `key` as the profile."""
+    joined = frame.with_columns(profile_id=pl.col(key), matched_on=pl.lit("email"),
+                                suppressed=pl.lit(False))
+    return (join.audience(joined).select(pl.col("profile_id").alias(key), "segment_id",
+                                         "action").collect())
 
 
 def _expected(rows: list[tuple[str, int, str]]) -> pl.DataFrame:
@@ -599,7 +607,7 @@ def test_merge_segments_after_parse_lines() -> None:
     )
     parsed = parse_lines(frame).filter(pl.col("format_error").is_null())
     assert_frame_equal(
-        merge_segments(parsed, "user_id").collect(),
+        _audience(parsed, "user_id"),
         pl.DataFrame(
             {
                 "user_id": ["u", "u", "u", "v"],

@@ -144,8 +144,3 @@ def contact_rows(joined: pl.LazyFrame) -> pl.LazyFrame:
 
 def merge_contacts(rows: pl.LazyFrame) -> pl.LazyFrame:
     return merge_segments(rows).rename({"profile_id": "contact"}).drop("matched_on")
-
-
-def unmatched_contacts(joined: pl.LazyFrame) -> pl.LazyFrame:
-    """Decrypted addresses of IDs with no profile, with their merged segments (PII)."""
-    return merge_contacts(contact_rows(joined))
