@@ -81,7 +81,7 @@ class Snapshots:
         keys_name = _name("keys", label, kinds, buckets)
         attrs_name = _name("attrs", label, kinds, buckets)
         for part in self._spill.parts(_name("normalized", label)):
-            source = pl.scan_parquet(part)
+            source = pl.scan_ipc(part)
             keys = profile_keys(source, kinds).with_columns(_b=key_bucket(pl.col("key"), buckets))
             self._spill.write(keys_name, keys.collect(), bucket="_b")
             attrs = source.select(ATTRS).with_columns(

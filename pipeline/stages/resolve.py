@@ -41,9 +41,12 @@ def resolve(parsed: pl.LazyFrame, feed: FeedConfig, default_country: str | None,
         # branch that reads them.
         # Masked rows reach the UDF as nulls, which cost nothing. A 64-hex value is a hash:
         # a token's Base64 is never all hex digits in practice ((16/64)^64).
+        # Under auto only a valid ID counts, so tokens too short to hold one are not tried
+        # (a Base64 SHA-256 is 32 bytes: a GCM token of 4 plaintext bytes, never an email).
+        min_plain = identity.min_id_bytes(feed.kinds) if feed.id_encoding == "auto" else 0
         candidates = pl.when(ok_format & ~user_id.str.contains(_HEX64)).then(user_id)
         frame = frame.with_columns(_decrypted=identity.decrypt_expr(
-            candidates, feed.decryption, feed.key, feed.iv))
+            candidates, feed.decryption, feed.key, feed.iv, min_plain))
         parts = normalized_parts(feed.kinds, pl.col("_decrypted"), country, known_phones)
         frame = frame.with_columns(**{f"_dec_{kind}": part for kind, part in parts.items()})
         decrypted = {kind: pl.col(f"_dec_{kind}") for kind in parts}
@@ -97,11 +100,15 @@ def _key_and_contact(feed: FeedConfig, user_id: pl.Expr, decrypted: dict[str, pl
     # shape: short AES-CBC tokens are exactly 44-char Base64 like a SHA-256, while a real hash
     # never authenticates (GCM) nor decrypts to a valid address (CBC). Then hash shape ->
     # hashed, else plain (SPEC §3).
+    # Each branch only sees its own rows (the others reach it as nulls, which cost nothing):
+    # when/then would compute every branch on every row.
     decrypted_ok = normalized_dec.is_not_null()
-    key = (
-        pl.when(decrypted_ok).then(identity.sha256_hex(normalized_dec))
-        .when(identity.looks_hashed(user_id)).then(identity.parse_incoming_hash(user_id))
-        .otherwise(identity.sha256_hex(normalize_any(feed.kinds, user_id, country, known)))
+    hashed = identity.parse_incoming_hash(pl.when(~decrypted_ok).then(user_id))
+    plain = pl.when(~decrypted_ok & hashed.is_null()).then(user_id)
+    key = pl.coalesce(
+        identity.sha256_hex(normalized_dec),
+        hashed,
+        identity.sha256_hex(normalize_any(feed.kinds, plain, country, known)),
     )
     return key, pl.when(decrypted_ok).then(contact)
 
