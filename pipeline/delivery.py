@@ -23,7 +23,7 @@ from pipeline.errors import DeliveryFailed
 from pipeline.report import DeliveryReport
 from pipeline.spill import Spill, key_bucket, text_bucket
 from pipeline.stages import join, publish, resolve
-from pipeline.stages.ingest import Delivery, read_chunks
+from pipeline.stages.ingest import Delivery, read_ahead, read_chunks
 from pipeline.stores import Store
 
 if TYPE_CHECKING:
@@ -94,7 +94,7 @@ def process_delivery(ctx: Context, feed: FeedConfig, source: Store, delivery: De
 def ingest(ctx: Context, plan: Plan, source: Store, rep: DeliveryReport,
            known_phones: pl.DataFrame | None = None) -> None:
     """Pass 1: parse and resolve chunk by chunk; spill resolved rows and rejects."""
-    for chunk in read_chunks(source, plan.delivery):
+    for chunk in read_ahead(read_chunks(source, plan.delivery)):
         parsed = resolve.parse(chunk.lazy())
         resolved = resolve.resolve(parsed, plan.feed, ctx.config.default_country,
                                    known_phones).collect()

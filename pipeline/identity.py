@@ -97,8 +97,11 @@ def normalize_phone(expr: pl.Expr, default_country: pl.Expr | str | None,
     # The struct is named after its first field, so the result keeps the input's name.
     pairs = pl.struct(_stripped(expr), country.alias("__default_region__"))
     parse = _e164_all if known is None else (lambda uniques: _e164_known(uniques, known))
+    # Not marked elementwise although it is: the streaming engine would then call it per
+    # morsel, from several threads at once, each below the size worth a process pool. One
+    # call per frame dedups across the whole frame and parses in one pool batch.
     return pairs.map_batches(
-        lambda batch: _map_unique(batch, parse), return_dtype=pl.String, is_elementwise=True
+        lambda batch: _map_unique(batch, parse), return_dtype=pl.String, is_elementwise=False
     )
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import posixpath
+import queue
+import threading
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -119,6 +121,52 @@ def read_chunks(store: Store, delivery: Delivery,
         yield from _file_chunks(store, file, seq, chunk_bytes or CHUNK_BYTES)
 
 
+def read_ahead(chunks: Iterator[pl.DataFrame], depth: int = 1) -> Iterator[pl.DataFrame]:
+    """`chunks` produced on a thread, up to `depth` ahead of the consumer.
+
+    Reading (gunzip, md5, splitting) mostly runs outside the GIL, so it overlaps the
+    resolving of the previous chunk instead of leaving a core idle. Items and the producer's
+    exception arrive in order; closing the iterator early stops the producer.
+    """
+    slots: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def produce() -> None:
+        try:
+            for chunk in chunks:
+                if not _offer(slots, (chunk, None), stop):
+                    return
+            _offer(slots, (done, None), stop)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, in order
+            _offer(slots, (done, exc), stop)
+
+    worker = threading.Thread(target=produce, name="read-ahead", daemon=True)
+    worker.start()
+    try:
+        while True:
+            item, exc = slots.get()
+            if exc is not None:
+                raise exc
+            if item is done:
+                return
+            yield item
+    finally:
+        stop.set()
+        worker.join()
+
+
+def _offer(slots: queue.Queue, item: tuple, stop: threading.Event) -> bool:
+    """Put unless the consumer has gone; False when it has."""
+    while not stop.is_set():
+        try:
+            slots.put(item, timeout=0.1)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
 def _file_chunks(store: Store, file: DeliveryFile, seq: int,
                  chunk_bytes: int) -> Iterator[pl.DataFrame]:
     base = posixpath.basename(file.name.path)
@@ -216,4 +264,5 @@ def entry_md5s(delivery: Delivery) -> dict[str, str]:
     return out
 
 
-__all__ = ["Delivery", "DeliveryFile", "Entry", "find_deliveries", "read_chunks", "entry_md5s"]
+__all__ = ["Delivery", "DeliveryFile", "Entry", "find_deliveries", "read_ahead", "read_chunks",
+           "entry_md5s"]
