@@ -140,6 +140,17 @@ def build(ctx: Context, plan: Plan, profiles, key: publish.DeliveryKey
             audience_writers[dest.name] = publish.InboundWriter(dest, key.timestamp_s, workdir)
         elif dest.kind == "no_profile_contacts":
             contact_writers[dest.name] = publish.ContactsWriter(dest, key, workdir)
+    writers = {**audience_writers, **contact_writers}
+    try:
+        _fill(plan, profiles, audience_writers, contact_writers)
+    except BaseException:
+        for writer in writers.values():
+            writer.close()  # no thread or open file outlives a failed delivery
+        raise
+    return {name: w.finish() for name, w in writers.items()}
+
+
+def _fill(plan: Plan, profiles, audience_writers: dict, contact_writers: dict) -> None:
     for b in range(plan.buckets):
         mentions = plan.spill.scan("mentions", b)
         if mentions is not None and audience_writers:
@@ -152,8 +163,6 @@ def build(ctx: Context, plan: Plan, profiles, key: publish.DeliveryKey
             merged = join.merge_contacts(contacts).collect()
             for writer in contact_writers.values():
                 writer.add(merged)
-    writers = {**audience_writers, **contact_writers}
-    return {name: w.finish() for name, w in writers.items()}
 
 
 def _check_ratio(feed: FeedConfig, rep: DeliveryReport) -> None:

@@ -192,6 +192,37 @@ def test_cbc_round_trip(key_size: int, fixed_iv: bool) -> None:
     assert decrypt_values(tokens, "aes-cbc", key, iv if fixed_iv else None).to_list() == PLAINS
 
 
+@pytest.mark.parametrize(("algorithm", "fixed_iv"),
+                         [("aes-gcm", False), ("aes-cbc", False), ("aes-cbc", True)])
+def test_min_plain_skips_only_tokens_too_short(algorithm: str, fixed_iv: bool) -> None:
+    key, iv = os.urandom(32), os.urandom(16)
+    plains = ["a", "abcd", "a@b.c", "alice@example.com", "x" * 15, "x" * 16]
+
+    def token(plain: str) -> str:
+        if algorithm == "aes-gcm":
+            return _b64(_gcm(key, plain.encode()))
+        body = _cbc(key, plain.encode(), iv)
+        return _b64(body if fixed_iv else iv + body)
+
+    tokens = [token(p) for p in plains]
+    fixed = iv if fixed_iv else None
+    assert decrypt_values(tokens, algorithm, key, fixed).to_list() == plains
+    # A token is skipped when it cannot hold min_plain bytes: GCM tokens have the exact
+    # length of their plaintext, CBC ones a whole number of blocks (a 16-byte body holds 15).
+    least = 5 if algorithm == "aes-gcm" else 16
+    expected = [p if len(p) >= least else None for p in plains]
+    assert decrypt_values(tokens, algorithm, key, fixed, min_plain=least).to_list() == expected
+    if algorithm == "aes-cbc":
+        assert decrypt_values(tokens, algorithm, key, fixed, min_plain=15).to_list() == plains
+
+
+def test_normalize_email_nfc_applies_to_non_ascii_rows_only() -> None:
+    decomposed, composed = "jose\u0301@exemple.fr", "jos\u00e9@exemple.fr"
+    values = pl.Series("id", [" Bob@X.org ", decomposed, composed.upper(), None, "JOSE\u0301@x.fr"])
+    out = pl.select(normalize_email(pl.lit(values))).to_series().to_list()
+    assert out == ["bob@x.org", composed, composed, None, "jos\u00e9@x.fr"]
+
+
 def _flip(raw: bytes, index: int) -> bytes:
     return raw[:index] + bytes([raw[index] ^ 1]) + raw[index + 1 :]
 

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import itertools
+import io
 import json
 import logging
-import shutil
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -94,25 +94,33 @@ class CampaignListWriter:
             self._append(pl.DataFrame(schema={
                 "profile_id": pl.String, "segment_id": pl.Int64, "action": pl.String,
                 "matched_on": pl.String, "delivery": pl.String}))
-        if self._parquet is not None:
-            self._parquet.close()
+        self.close()
         self.out.files.append((self.path, self.local))
         return self.out
 
+    def close(self) -> None:
+        if self._parquet is not None:
+            self._parquet.close()
+            self._parquet = None
+
 
 class InboundWriter:
-    """AAM inbound files: lines spooled locally, then split by max_lines_per_file."""
+    """AAM inbound files, compressed on a thread while the next bucket is merged.
+
+    Lines go to numbered local parts of at most max_lines_per_file lines; only `finish` knows
+    whether there is one file or several, so only then are the AAM names given.
+    """
 
     def __init__(self, dest: DestinationConfig, timestamp_s: int, workdir: Path) -> None:
         self.dest, self.ts = dest, timestamp_s
         workdir.mkdir(parents=True, exist_ok=True)
         self.workdir = Path(tempfile.mkdtemp(prefix=f"{dest.name}-", dir=workdir))
-        self.lines_path = self.workdir / "lines.txt"
         self.lines = 0
         self.out = Output()
         self._traits = pl.DataFrame(
             {"segment_id": list(dest.traits), "trait_id": list(dest.traits.values())},
             schema={"segment_id": pl.UInt32, "trait_id": pl.Int64})
+        self._parts = _PartWriter(self.workdir, dest.gzip)
 
     def add(self, audience: pl.DataFrame, attrs: pl.LazyFrame) -> None:
         """Audience rows of one profile bucket, with that bucket's profile attributes."""
@@ -130,32 +138,84 @@ class InboundWriter:
         if rows.is_empty():
             return
         lines = inbound_lines(rows)
-        with open(self.lines_path, "ab") as fh:
-            lines.write_csv(fh, include_header=False, quote_style="never")
-        self.lines += lines.height
+        per_file = self.dest.max_lines_per_file
+        start = 0
+        while start < lines.height:
+            used = self.lines % per_file
+            piece = lines.slice(start, per_file - used)
+            self._parts.write(_csv_bytes(piece), new_part=used == 0)
+            self.lines += piece.height
+            start += piece.height
 
     def finish(self) -> Output:
-        if self.lines:
-            self.out.files = self._split()
+        parts = self._parts.close()
+        folder = inbound_folder(self.ts)
+        for n, local in enumerate(parts, start=1):
+            name = inbound_file_name(self.dest.dpid, self.ts, n if len(parts) > 1 else None,
+                                     self.dest.gzip)
+            self.out.files.append((f"{folder}/{name}", local))
         return self.out
 
-    def _split(self) -> list[tuple[str, bytes | Path]]:
-        per_file = self.dest.max_lines_per_file
-        count = -(-self.lines // per_file)
-        folder = inbound_folder(self.ts)
-        files: list[tuple[str, bytes | Path]] = []
-        with open(self.lines_path, "rb", buffering=_COPY) as src:
-            for n in range(1, count + 1):
-                name = inbound_file_name(self.dest.dpid, self.ts, n if count > 1 else None,
-                                         self.dest.gzip)
-                local = self.workdir / name
-                with _open_out(local, self.dest.gzip) as dst:
-                    if count == 1:
-                        shutil.copyfileobj(src, dst, _COPY)
-                    else:
-                        dst.writelines(itertools.islice(src, per_file))
-                files.append((f"{folder}/{name}", local))
-        return files
+    def close(self) -> None:
+        """Stop the compressing thread (after a failure; `finish` does it otherwise)."""
+        self._parts.close()
+
+
+class _PartWriter:
+    """Numbered local files written (and gzip'd) by one thread, in submission order.
+
+    zlib releases the GIL, so compression overlaps the caller's next bucket. At most one
+    block waits, which bounds memory.
+    """
+
+    def __init__(self, folder: Path, gz: bool) -> None:
+        self.folder, self.gz = folder, gz
+        self.parts: list[Path] = []
+        self._stack: ExitStack | None = None
+        self._out: BinaryIO | None = None
+        self._pool: ThreadPoolExecutor | None = ThreadPoolExecutor(1, "compress")
+        self._pending: Future | None = None
+
+    def write(self, data: bytes, new_part: bool) -> None:
+        self._wait()
+        assert self._pool is not None, "write after close"
+        self._pending = self._pool.submit(self._write, data, new_part)
+
+    def close(self) -> list[Path]:
+        """Wait for every block, close the last part; the parts in order."""
+        try:
+            self._wait()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown()
+                self._pool = None
+            self._end_part()
+        return self.parts
+
+    def _wait(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def _write(self, data: bytes, new_part: bool) -> None:
+        if new_part or self._out is None:
+            self._end_part()
+            local = self.folder / f"part-{len(self.parts) + 1:05d}"
+            self._stack = ExitStack()
+            self._out = self._stack.enter_context(_open_out(local, self.gz))
+            self.parts.append(local)
+        self._out.write(data)
+
+    def _end_part(self) -> None:
+        stack, self._stack, self._out = self._stack, None, None
+        if stack is not None:
+            stack.close()
+
+
+def _csv_bytes(lines: pl.DataFrame) -> bytes:
+    buffer = io.BytesIO()
+    lines.write_csv(buffer, include_header=False, quote_style="never")
+    return buffer.getvalue()
 
 
 class ContactsWriter:
@@ -182,6 +242,9 @@ class ContactsWriter:
                                           "action": pl.String}))
         self.out.files.append((f"{self.key.feed}/{self.key.root}.csv", self.local))
         return self.out
+
+    def close(self) -> None:
+        """Nothing stays open between `add` calls."""
 
 
 def inbound_files_for(rows: pl.DataFrame, dest: DestinationConfig, timestamp_s: int,

@@ -1,0 +1,79 @@
+"""InboundWriter: files split by max_lines_per_file across bucket calls, compressed on a
+thread; the same lines and names as writing everything at once."""
+
+from __future__ import annotations
+
+import gzip
+import threading
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from pipeline.config import DestinationConfig, Location
+from pipeline.stages.publish import InboundWriter
+
+TS = 1764000001  # 2025-11-24
+
+
+def dest(max_lines: int, gz: bool = True) -> DestinationConfig:
+    return DestinationConfig("ec", "aam_inbound", Location("/unused"), dpid=7,
+                             traits={1: 11}, max_lines_per_file=max_lines, gzip=gz)
+
+
+def rows(first: int, count: int) -> pl.DataFrame:
+    return pl.DataFrame({"dpuuid": [f"id{n:04d}" for n in range(first, first + count)],
+                         "trait_id": [11] * count, "action": ["add"] * count})
+
+
+def lines(path: Path, gz: bool) -> list[str]:
+    data = path.read_bytes()
+    return (gzip.decompress(data) if gz else data).decode().splitlines()
+
+
+def _compress_threads() -> int:
+    return sum(t.name.startswith("compress") for t in threading.enumerate())
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_split_across_calls(tmp_path: Path, gz: bool) -> None:
+    writer = InboundWriter(dest(4, gz), TS, tmp_path)
+    for first, count in [(0, 3), (3, 3), (6, 1), (7, 5)]:  # 12 lines: crosses 4-line files
+        writer.add_rows(rows(first, count))
+    writer.add_rows(rows(99, 0))
+    out = writer.finish()
+    suffix = ".gz" if gz else ""
+    assert [p for p, _ in out.files] == [
+        f"date=2025-11-24/ftp_dpm_7_{TS}.sync.{n}{suffix}" for n in (1, 2, 3)]
+    got = [lines(local, gz) for _, local in out.files]
+    assert [len(g) for g in got] == [4, 4, 4]
+    assert sum(got, []) == [f"id{n:04d}\td_sid=11" for n in range(12)]
+    assert out.rows == 12
+    assert _compress_threads() == 0
+
+
+def test_one_file_keeps_the_unsplit_name_and_same_bytes_as_one_call(tmp_path: Path) -> None:
+    many = InboundWriter(dest(100), TS, tmp_path / "many")
+    for first in range(0, 30, 7):
+        many.add_rows(rows(first, min(7, 30 - first)))
+    one = InboundWriter(dest(100), TS, tmp_path / "one")
+    one.add_rows(rows(0, 30))
+    (path_a, local_a), = many.finish().files
+    (path_b, local_b), = one.finish().files
+    assert path_a == path_b == f"date=2025-11-24/ftp_dpm_7_{TS}.sync.gz"
+    assert lines(local_a, True) == lines(local_b, True)
+    assert gzip.decompress(local_a.read_bytes()) == gzip.decompress(local_b.read_bytes())
+
+
+def test_no_rows_no_files(tmp_path: Path) -> None:
+    out = InboundWriter(dest(10), TS, tmp_path).finish()
+    assert out.files == [] and out.rows == 0
+
+
+def test_close_after_a_failure_stops_the_thread(tmp_path: Path) -> None:
+    writer = InboundWriter(dest(10), TS, tmp_path)
+    writer.add_rows(rows(0, 5))
+    with pytest.raises(ValueError, match="DPUUID"):
+        writer.add_rows(pl.DataFrame({"dpuuid": [""], "trait_id": [11], "action": ["add"]}))
+    writer.close()
+    assert _compress_threads() == 0
