@@ -96,13 +96,14 @@ def normalize_phone(expr: pl.Expr, default_country: pl.Expr | str | None,
         country = _stripped(default_country).str.to_uppercase()
     # The struct is named after its first field, so the result keeps the input's name.
     pairs = pl.struct(_stripped(expr), country.alias("__default_region__"))
-    parse = _e164_all if known is None else (lambda uniques: _e164_known(uniques, known))
+
+    def parse(batch: pl.Series) -> pl.Series:
+        return _map_unique(batch, _e164_all) if known is None else _e164_known(batch, known)
+
     # Not marked elementwise although it is: the streaming engine would then call it per
     # morsel, from several threads at once, each below the size worth a process pool. One
     # call per frame dedups across the whole frame and parses in one pool batch.
-    return pairs.map_batches(
-        lambda batch: _map_unique(batch, parse), return_dtype=pl.String, is_elementwise=False
-    )
+    return pairs.map_batches(parse, return_dtype=pl.String, is_elementwise=False)
 
 
 def known_phones(numbers: pl.Expr, regions: pl.Expr, e164: pl.Expr) -> list[pl.Expr]:
@@ -111,22 +112,24 @@ def known_phones(numbers: pl.Expr, regions: pl.Expr, e164: pl.Expr) -> list[pl.E
             _stripped(regions).str.to_uppercase().alias("region"), e164.alias("e164")]
 
 
-def _e164_known(pairs: pl.Series, known: pl.DataFrame) -> list[str | None]:
+def _e164_known(pairs: pl.Series, known: pl.DataFrame) -> pl.Series:
     """Look pairs up in `known` first: by (number, region), and a `+...` number equal to a
-    known E.164 result is that result whatever the region (phonenumbers ignores it then)."""
+    known E.164 result is that result whatever the region (phonenumbers ignores it then).
+    Only the distinct pairs found in neither way are parsed."""
     asked = pairs.struct.unnest()
     asked.columns = ["number", "region"]
     exact = asked.join(known, on=["number", "region"], how="left", maintain_order="left",
                        nulls_equal=True, validate="m:1")["e164"]
     plus = asked.join(known.select(number="e164", e164_plus="e164").unique(), on="number",
                       how="left", maintain_order="left")["e164_plus"]
-    found = exact.fill_null(plus)
-    missing = asked.filter(found.is_null())
-    computed = iter(_e164_all(missing.to_struct()) if missing.height else [])
-    return [value if value is not None else next(computed) for value in found.to_list()]
+    found = exact.fill_null(plus).alias(pairs.name)
+    missing = found.is_null() & asked["number"].is_not_null()
+    if not missing.any():
+        return found
+    return found.scatter(missing.arg_true(), _map_unique(pairs.filter(missing), _e164_all))
 
 
-PARALLEL_MIN = 100_000  # distinct numbers worth a process pool (workers start in ~1 s)
+PARALLEL_MIN = 50_000  # distinct numbers worth a process pool (~1 s of parsing)
 
 
 def _e164_all(pairs: pl.Series) -> list[str | None]:
