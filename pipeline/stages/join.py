@@ -96,16 +96,31 @@ def count_matches(joined: pl.DataFrame) -> dict[str, int]:
     return {k: int(v or 0) for k, v in row.items()}
 
 
+# How a profile was reached, as the low bits of a mention's order key (see `segment_rows`).
+MATCHED_ON = ("ecid", "email", "phone", "crm", "contact")
+_MATCH_BITS = 3
+_LINE_BITS = 33  # line numbers below 2**32, then one bit for add/remove
+
+
 def segment_rows(joined: pl.LazyFrame) -> pl.LazyFrame:
-    """Matched, non-suppressed rows -> one row per segment mention, with its line order."""
+    """Matched, non-suppressed rows -> one row per segment mention: (profile_id, segment_id,
+    order).
+
+    `order` packs what the merge needs into one integer, so it can take a plain max instead
+    of a sort or arg_max: file_seq, line_no, then the removal after the add of the same line,
+    then how the profile was matched (one line has one ID, so this never decides the order).
+    """
     rows = joined.filter(pl.col("profile_id").is_not_null() & ~pl.col("suppressed"))
-    cols = ["profile_id", "matched_on", "file_seq", "line_no"]
-    added = rows.select(*cols, segment_id=pl.col("added"), action=pl.lit("add"),
-                        rank=pl.lit(0, pl.UInt8))
-    removed = rows.select(*cols, segment_id=pl.col("removed"), action=pl.lit("remove"),
-                          rank=pl.lit(1, pl.UInt8))
+    line = (pl.col("file_seq").cast(pl.UInt64) * (1 << _LINE_BITS)
+            + pl.col("line_no").cast(pl.UInt64) * 2)
+    matched = pl.col("matched_on").cast(pl.Enum(MATCHED_ON)).to_physical().cast(pl.UInt64)
+
+    def mentions(column: str, removal: int) -> pl.LazyFrame:
+        order = (line + removal) * (1 << _MATCH_BITS) + matched
+        return rows.select("profile_id", segment_id=pl.col(column), order=order)
+
     return (
-        pl.concat([added, removed])
+        pl.concat([mentions("added", 0), mentions("removed", 1)])
         .explode("segment_id")
         .filter(pl.col("segment_id").is_not_null())
     )
@@ -117,14 +132,16 @@ def merge_segments(rows: pl.LazyFrame) -> pl.LazyFrame:
     A segment both added and removed for a profile: the later line (file_seq, line_no) wins;
     within one line the removal wins. Rows come out in no particular order: the writers sort.
     """
-    # One packed order key instead of a sort: file (high bits), line, then removal after add.
-    order = (pl.col("file_seq").cast(pl.UInt64) * (1 << 33)
-             + pl.col("line_no").cast(pl.UInt64) * 2 + pl.col("rank").cast(pl.UInt64))
-    last = order.arg_max()
+    last = pl.col("order")
+    removal = last // (1 << _MATCH_BITS) % 2
+    matched = (last % (1 << _MATCH_BITS)).cast(pl.UInt32)
     return (
-        rows.group_by("profile_id", "segment_id")
-        .agg(action=pl.col("action").get(last), matched_on=pl.col("matched_on").get(last))
-        .select("profile_id", pl.col("segment_id").cast(pl.UInt32), "action", "matched_on")
+        rows.group_by("profile_id", "segment_id").agg(last.max())
+        .select(
+            "profile_id", pl.col("segment_id").cast(pl.UInt32),
+            action=pl.when(removal == 1).then(pl.lit("remove")).otherwise(pl.lit("add")),
+            matched_on=pl.lit(pl.Series(MATCHED_ON)).gather(matched),
+        )
     )
 
 
