@@ -35,6 +35,7 @@ class Snapshots:
         self._spill = Spill(os.path.join(workdir, "profiles"))
         self._normalized: dict[str, int] = {}  # partition label -> profile count
         self._indexes: dict[tuple, ProfileIndex] = {}
+        self._attrs: set[str] = set()  # attribute spills written (per partition and buckets)
 
     def profiles(self, as_of: date | None) -> tuple[str, pl.DataFrame]:
         """(partition label, normalized profile table) for the latest snapshot <= as_of."""
@@ -79,14 +80,17 @@ class Snapshots:
 
     def _bucketize(self, label: str, kinds: tuple[str, ...], buckets: int) -> ProfileIndex:
         keys_name = _name("keys", label, kinds, buckets)
-        attrs_name = _name("attrs", label, kinds, buckets)
+        attrs_name = _name("attrs", label, buckets)  # the same for every kind
+        attrs_done = attrs_name in self._attrs
         for part in self._spill.parts(_name("normalized", label)):
             source = pl.scan_ipc(part)
             keys = profile_keys(source, kinds).with_columns(_b=key_bucket(pl.col("key"), buckets))
             self._spill.write(keys_name, keys.collect(), bucket="_b")
-            attrs = source.select(ATTRS).with_columns(
-                _b=text_bucket(pl.col("profile_id"), buckets))
-            self._spill.write(attrs_name, attrs.collect(), bucket="_b")
+            if not attrs_done:
+                attrs = source.select(ATTRS).with_columns(
+                    _b=text_bucket(pl.col("profile_id"), buckets))
+                self._spill.write(attrs_name, attrs.collect(), bucket="_b")
+        self._attrs.add(attrs_name)
         phones = None
         if "phone" in kinds:
             normalized = self._spill.scan(_name("normalized", label))
