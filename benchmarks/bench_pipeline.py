@@ -325,8 +325,9 @@ def _spill_name(self, name, *rest, **kw) -> str:
 # Stages of pipeline/delivery.py (bounded-memory design: three passes over spill files).
 PROBES = (
     Probe("pipeline.delivery", "ingest", "1 ingest pass", label=_feed_of_plan),
-    Probe("pipeline.delivery", "read_chunks", "read chunks (md5, gunzip, split lines)",
-          nested=True),
+    # Since 8887036 chunks are read on a thread one chunk ahead: overlaps parse + resolve.
+    Probe("pipeline.delivery", "read_chunks",
+          "read chunks (md5, gunzip, split; read-ahead thread)", nested=True),
     Probe("pipeline.stages.resolve", "resolve", "parse + resolve", nested=True, eager=True,
           label=_feed_arg),
     Probe("pipeline.delivery", "_quarantine", "quarantine file", nested=True),
@@ -344,10 +345,11 @@ PROBES = (
     Probe("pipeline.stages.publish:CampaignListWriter", "finish", "campaign writer finish",
           nested=True),
     Probe("pipeline.stages.publish:InboundWriter", "add", "inbound writer add", nested=True),
-    Probe("pipeline.stages.publish:InboundWriter", "finish", "inbound writer finish (+gzip)",
+    Probe("pipeline.stages.publish:InboundWriter", "finish",
+          "inbound writer finish (waits for the gzip thread)",
           nested=True),
     Probe("pipeline.stages.publish", "write_outputs", "5 publish (files + manifest)"),
-    Probe("pipeline.spill:Spill", "write", "(in 1-4) spill writes, parquet", nested=True,
+    Probe("pipeline.spill:Spill", "write", "(in 1-4) spill writes, Arrow IPC", nested=True,
           label=_spill_name),
 )
 

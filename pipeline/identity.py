@@ -48,18 +48,19 @@ def normalize_email(expr: pl.Expr) -> pl.Expr:
     NFC makes a decomposed "é" (e + U+0301) and the composed one meet on one key; it runs
     after lowercasing because case mapping may emit decomposed sequences.
     """
-    lowered = _stripped(expr).str.to_lowercase()
-    # NFC leaves ASCII as it is and costs ~10x the rest: only non-ASCII values go through it
-    # (a masked row reaches it as null, which costs nothing).
-    ascii_only = lowered.str.len_bytes() == lowered.str.len_chars()
-    value = pl.coalesce(pl.when(~ascii_only).then(lowered).str.normalize("NFC"), lowered)
-    return pl.when(value.str.contains(_EMAIL)).then(value).otherwise(_NULL_STR)
+    # NFC leaves ASCII as it is and costs ~10x the rest, so only non-ASCII values go through
+    # it; each row takes one of the two masked paths (a masked row is a null: free). Written
+    # so no subexpression repeats: polars does not share them inside when/then.
+    text = expr.cast(pl.String)
+    ascii_only = text.str.len_bytes() == text.str.len_chars()
+    plain = pl.when(ascii_only).then(text).str.strip_chars().str.to_lowercase()
+    other = pl.when(~ascii_only).then(text).str.strip_chars().str.to_lowercase()
+    return pl.coalesce(plain, other.str.normalize("NFC")).str.extract(_EMAIL, 0)
 
 
 def normalize_ecid(expr: pl.Expr) -> pl.Expr:
     """Strip; exactly 38 ASCII digits, else null."""
-    value = _stripped(expr)
-    return pl.when(value.str.contains(_ECID)).then(value).otherwise(_NULL_STR)
+    return _stripped(expr).str.extract(_ECID, 0)
 
 
 def normalize_crm(expr: pl.Expr) -> pl.Expr:
@@ -189,14 +190,9 @@ def parse_incoming_hash(expr: pl.Expr) -> pl.Expr:
     ignored. Anything else is null.
     """
     value = _stripped(expr)
-    from_b64 = value.str.decode("base64", strict=False).bin.encode("hex")
-    return (
-        pl.when(value.str.contains(_HEX64))
-        .then(value.str.to_lowercase())
-        .when(value.str.contains(_B64_DIGEST))
-        .then(from_b64)
-        .otherwise(_NULL_STR)
-    )
+    from_hex = value.str.extract(_HEX64, 0).str.to_lowercase()
+    from_b64 = value.str.extract(_B64_DIGEST, 0).str.decode("base64", strict=False)
+    return pl.coalesce(from_hex, from_b64.bin.encode("hex"))
 
 
 def looks_hashed(expr: pl.Expr) -> pl.Expr:

@@ -302,8 +302,10 @@ def _open_out(path: Path, gz: bool) -> Iterator[BinaryIO]:
             yield raw
             return
         # mtime=0 and no file name in the header: the same input gives the same bytes.
+        # Level 1: inbound lines are mostly hex digests, which level 6 packs only ~7% smaller
+        # at 2.5x the time (measured on a 43 MB file: 1.2 s vs 0.47 s).
         with gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0,
-                           compresslevel=6) as packed:
+                           compresslevel=1) as packed:
             yield packed  # type: ignore[misc]  # GzipFile is a binary file
 
 

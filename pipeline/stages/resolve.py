@@ -30,30 +30,39 @@ def resolve(parsed: pl.LazyFrame, feed: FeedConfig, default_country: str | None,
     """Add `key` (SHA-256 hex), `contact` (decrypted address) and `reject` (reason or null).
 
     `known_phones` (number, region, e164) spares phone parsing for numbers normalized before.
+
+    Built in stages of named columns: polars does not share subexpressions inside when/then,
+    so one nested expression would recompute its branches many times over.
     """
     country = feed.default_country or default_country
     user_id = pl.col("user_id")
     ok_format = pl.col("format_error").is_null()
-    frame = parsed.with_columns(_decrypted=pl.lit(None, pl.String))
-    decrypted: dict[str, pl.Expr] = {}
+    frame = parsed.with_columns(_id=pl.when(ok_format).then(user_id))
     if feed.id_encoding in ("encrypted", "auto"):
-        # Materialized once: the UDFs (AES, phone parsing) must not run again in every
-        # branch that reads them.
-        # Masked rows reach the UDF as nulls, which cost nothing. A 64-hex value is a hash:
-        # a token's Base64 is never all hex digits in practice ((16/64)^64).
-        # Under auto only a valid ID counts, so tokens too short to hold one are not tried
-        # (a Base64 SHA-256 is 32 bytes: a GCM token of 4 plaintext bytes, never an email).
-        min_plain = identity.min_id_bytes(feed.kinds) if feed.id_encoding == "auto" else 0
-        candidates = pl.when(ok_format & ~user_id.str.contains(_HEX64)).then(user_id)
-        frame = frame.with_columns(_decrypted=identity.decrypt_expr(
-            candidates, feed.decryption, feed.key, feed.iv, min_plain))
-        parts = normalized_parts(feed.kinds, pl.col("_decrypted"), country, known_phones)
-        frame = frame.with_columns(**{f"_dec_{kind}": part for kind, part in parts.items()})
-        decrypted = {kind: pl.col(f"_dec_{kind}") for kind in parts}
-    key, contact = _key_and_contact(feed, user_id, decrypted, country, known_phones)
-    decrypt_failed = (
-        pl.col("_decrypted").is_null() if feed.id_encoding == "encrypted" else pl.lit(False)
-    )
+        frame = _decrypted(frame, feed, country, known_phones)
+    ident = pl.col("_id")
+    if feed.id_encoding == "plain":
+        key = identity.sha256_hex(normalize_any(feed.kinds, ident, country, known_phones))
+    elif feed.id_encoding == "sha256":
+        key = identity.parse_incoming_hash(ident)
+    elif feed.id_encoding == "encrypted":
+        key = identity.sha256_hex(pl.col("_dec"))
+    else:
+        # auto, per row. A value that decrypts to a valid ID is encrypted even when it has a
+        # hash's shape: short AES-CBC tokens are exactly 44-char Base64 like a SHA-256, while
+        # a real hash never authenticates (GCM) nor decrypts to a valid address (CBC). Then
+        # hash shape -> hashed, else plain (SPEC §3). Each branch sees only its own rows.
+        frame = frame.with_columns(
+            _hashed=identity.parse_incoming_hash(pl.when(pl.col("_dec").is_null()).then(ident)))
+        frame = frame.with_columns(
+            _plain=pl.when(pl.col("_dec").is_null() & pl.col("_hashed").is_null()).then(ident))
+        plain = normalize_any(feed.kinds, pl.col("_plain"), country, known_phones)
+        key = pl.coalesce(identity.sha256_hex(pl.col("_dec")), pl.col("_hashed"),
+                          identity.sha256_hex(plain))
+    contact = pl.col("_contact") if "_contact" in frame.collect_schema() else pl.lit(None,
+                                                                                   pl.String)
+    decrypt_failed = (pl.col("_dec_raw").is_null() if feed.id_encoding == "encrypted"
+                      else pl.lit(False))
     reject = (
         pl.when(~ok_format).then(pl.col("format_error"))
         .when(decrypt_failed).then(pl.lit("decrypt_failure"))
@@ -62,11 +71,10 @@ def resolve(parsed: pl.LazyFrame, feed: FeedConfig, default_country: str | None,
     )
     ok = pl.col("reject").is_null()
     return (
-        frame.with_columns(key=pl.when(ok_format).then(key), contact=contact)
+        frame.with_columns(key=key)
         .with_columns(reject=reject)
-        .with_columns(key=pl.when(ok).then(pl.col("key")),
-                      contact=pl.when(ok).then(pl.col("contact")))
-        .drop("_decrypted", *(f"_dec_{kind}" for kind in decrypted))
+        .with_columns(key=pl.when(ok).then(pl.col("key")), contact=pl.when(ok).then(contact))
+        .select(pl.exclude("^_.*$"))
     )
 
 
@@ -75,42 +83,26 @@ def resolve(parsed: pl.LazyFrame, feed: FeedConfig, default_country: str | None,
 CONTACT_KINDS = ("email", "phone")
 
 
-def _key_and_contact(feed: FeedConfig, user_id: pl.Expr, decrypted: dict[str, pl.Expr],
-                     country: str | None, known: pl.DataFrame | None
-                     ) -> tuple[pl.Expr, pl.Expr]:
-    """Key and contact expressions for the feed's ID kinds and encoding.
-
-    `decrypted` holds the decrypted value normalized as each of the feed's kinds (in
-    detection order; empty unless the feed decrypts).
-    """
-    no_contact = pl.lit(None, pl.String)
-    encoding = feed.id_encoding
-    if encoding == "plain":
-        return (identity.sha256_hex(normalize_any(feed.kinds, user_id, country, known)),
-                no_contact)
-    if encoding == "sha256":
-        return identity.parse_incoming_hash(user_id), no_contact
-    normalized_dec = _first(list(decrypted.values()))
+def _decrypted(frame: pl.LazyFrame, feed: FeedConfig, country: str | None,
+               known: pl.DataFrame | None) -> pl.LazyFrame:
+    """Add `_dec_raw` (plaintext), `_dec` (normalized as the first kind that accepts it) and
+    `_contact` (that value if it is an address kind)."""
+    ident = pl.col("_id")
+    # Under auto only a valid ID counts, so tokens too short to hold one are not tried
+    # (a Base64 SHA-256 is 32 bytes: a GCM token of 4 plaintext bytes, never an email).
+    # A 64-hex value is a hash: a token's Base64 is never all hex digits ((16/64)^64).
+    min_plain = identity.min_id_bytes(feed.kinds) if feed.id_encoding == "auto" else 0
+    candidates = pl.when(~ident.str.contains(_HEX64)).then(ident)
+    # Materialized once: the UDFs (AES, phone parsing) must not run again in every branch.
+    frame = frame.with_columns(_dec_raw=identity.decrypt_expr(
+        candidates, feed.decryption, feed.key, feed.iv, min_plain))
+    parts = normalized_parts(feed.kinds, pl.col("_dec_raw"), country, known)
+    frame = frame.with_columns(**{f"_dec_{kind}": part for kind, part in parts.items()})
     # The kinds are disjoint (38 digits are no E.164 number, an ECID has no '@') except CRM,
     # which comes last and takes anything, so the first address kind is the detected kind.
-    contact = _first([part for kind, part in decrypted.items() if kind in CONTACT_KINDS])
-    if encoding == "encrypted":
-        return identity.sha256_hex(normalized_dec), contact
-    # auto, per row. A value that decrypts to a valid ID is encrypted even when it has a hash's
-    # shape: short AES-CBC tokens are exactly 44-char Base64 like a SHA-256, while a real hash
-    # never authenticates (GCM) nor decrypts to a valid address (CBC). Then hash shape ->
-    # hashed, else plain (SPEC §3).
-    # Each branch only sees its own rows (the others reach it as nulls, which cost nothing):
-    # when/then would compute every branch on every row.
-    decrypted_ok = normalized_dec.is_not_null()
-    hashed = identity.parse_incoming_hash(pl.when(~decrypted_ok).then(user_id))
-    plain = pl.when(~decrypted_ok & hashed.is_null()).then(user_id)
-    key = pl.coalesce(
-        identity.sha256_hex(normalized_dec),
-        hashed,
-        identity.sha256_hex(normalize_any(feed.kinds, plain, country, known)),
-    )
-    return key, pl.when(decrypted_ok).then(contact)
+    addresses = [pl.col(f"_dec_{kind}") for kind in parts if kind in CONTACT_KINDS]
+    return frame.with_columns(_dec=_first([pl.col(f"_dec_{kind}") for kind in parts]),
+                              _contact=_first(addresses))
 
 
 def _first(parts: list[pl.Expr]) -> pl.Expr:
