@@ -122,30 +122,35 @@ def read_chunks(store: Store, delivery: Delivery,
 
 
 def read_ahead(chunks: Iterator[pl.DataFrame], depth: int = 1) -> Iterator[pl.DataFrame]:
-    """`chunks` produced on a thread, up to `depth` ahead of the consumer.
+    """`chunks` produced on a thread, at most `depth` ahead of the one being consumed.
 
     Reading (gunzip, md5, splitting) mostly runs outside the GIL, so it overlaps the
-    resolving of the previous chunk instead of leaving a core idle. Items and the producer's
-    exception arrive in order; closing the iterator early stops the producer.
+    resolving of the previous chunk instead of leaving a core idle. The producer starts a
+    chunk only once the consumer has taken the one before, so memory holds depth + 1 chunks.
+    Items and the producer's exception arrive in order; closing the iterator early stops the
+    producer.
     """
-    slots: queue.Queue = queue.Queue(maxsize=depth)
+    slots: queue.SimpleQueue = queue.SimpleQueue()
+    room = threading.Semaphore(depth)
     stop = threading.Event()
     done = object()
 
     def produce() -> None:
         try:
-            for chunk in chunks:
-                if not _offer(slots, (chunk, None), stop):
+            while _acquire(room, stop):
+                chunk = next(chunks, done)
+                slots.put((chunk, None))
+                if chunk is done:
                     return
-            _offer(slots, (done, None), stop)
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer, in order
-            _offer(slots, (done, exc), stop)
+            slots.put((done, exc))
 
     worker = threading.Thread(target=produce, name="read-ahead", daemon=True)
     worker.start()
     try:
         while True:
             item, exc = slots.get()
+            room.release()
             if exc is not None:
                 raise exc
             if item is done:
@@ -156,14 +161,11 @@ def read_ahead(chunks: Iterator[pl.DataFrame], depth: int = 1) -> Iterator[pl.Da
         worker.join()
 
 
-def _offer(slots: queue.Queue, item: tuple, stop: threading.Event) -> bool:
-    """Put unless the consumer has gone; False when it has."""
+def _acquire(room: threading.Semaphore, stop: threading.Event) -> bool:
+    """Wait for room unless the consumer has gone; False when it has."""
     while not stop.is_set():
-        try:
-            slots.put(item, timeout=0.1)
+        if room.acquire(timeout=0.1):
             return True
-        except queue.Full:
-            continue
     return False
 
 
