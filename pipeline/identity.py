@@ -195,11 +195,6 @@ def parse_incoming_hash(expr: pl.Expr) -> pl.Expr:
     return pl.coalesce(from_hex, from_b64.bin.encode("hex"))
 
 
-def looks_hashed(expr: pl.Expr) -> pl.Expr:
-    """True where the value has the shape of an incoming hash (never null)."""
-    return parse_incoming_hash(expr).is_not_null()
-
-
 def load_key(value: str, *, name: str = "key") -> bytes:
     """Key bytes from hex or Base64 of 16/24/32 bytes; valid hex of those lengths wins.
 

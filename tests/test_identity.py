@@ -25,7 +25,6 @@ from pipeline.identity import (
     encrypt_value,
     load_iv,
     load_key,
-    looks_hashed,
     normalize,
     normalize_crm,
     normalize_ecid,
@@ -109,7 +108,7 @@ def test_non_string_and_empty_inputs() -> None:
         normalize_crm(pl.col("crm")),
         normalize_phone(pl.lit("0612345678"), pl.col("country")).alias("phone"),
         normalize_email(pl.col("none")).alias("email"),
-        looks_hashed(pl.col("none")).alias("hashed"),
+        parse_incoming_hash(pl.col("none")).is_not_null().alias("hashed"),
     )
     assert out.to_dict(as_series=False) == {
         "crm": ["42", None],
@@ -137,7 +136,7 @@ def test_unknown_kind_and_region_are_config_errors() -> None:
         normalize_phone(pl.col("v"), "XX")
 
 
-def test_looks_hashed() -> None:
+def test_hash_shape_detection() -> None:
     digest = hashlib.sha256(b"x").digest()
     values = [
         digest.hex().upper(),
@@ -146,7 +145,8 @@ def test_looks_hashed() -> None:
         None,
         base64.b64encode(digest[:31]).decode(),
     ]
-    assert _eval(looks_hashed(pl.col("v")), values) == [True, True, False, False, False]
+    hashed = parse_incoming_hash(pl.col("v")).is_not_null()
+    assert _eval(hashed, values) == [True, True, False, False, False]
 
 
 # --- decryption: an independent implementation built on `cryptography` directly ------------

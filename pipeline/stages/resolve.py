@@ -38,7 +38,8 @@ def resolve(parsed: pl.LazyFrame, feed: FeedConfig, default_country: str | None,
     user_id = pl.col("user_id")
     ok_format = pl.col("format_error").is_null()
     frame = parsed.with_columns(_id=pl.when(ok_format).then(user_id))
-    if feed.id_encoding in ("encrypted", "auto"):
+    decrypts = feed.id_encoding in ("encrypted", "auto")
+    if decrypts:
         frame = _decrypted(frame, feed, country, known_phones)
     ident = pl.col("_id")
     if feed.id_encoding == "plain":
@@ -59,8 +60,7 @@ def resolve(parsed: pl.LazyFrame, feed: FeedConfig, default_country: str | None,
         plain = normalize_any(feed.kinds, pl.col("_plain"), country, known_phones)
         key = pl.coalesce(identity.sha256_hex(pl.col("_dec")), pl.col("_hashed"),
                           identity.sha256_hex(plain))
-    contact = pl.col("_contact") if "_contact" in frame.collect_schema() else pl.lit(None,
-                                                                                   pl.String)
+    contact = pl.col("_contact") if decrypts else pl.lit(None, pl.String)
     decrypt_failed = (pl.col("_dec_raw").is_null() if feed.id_encoding == "encrypted"
                       else pl.lit(False))
     reject = (
