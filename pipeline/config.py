@@ -43,6 +43,8 @@ class FeedConfig:
     iv: bytes | None = field(default=None, repr=False)
     max_reject_ratio: float = 0.05
     require_info: bool = True
+    max_removal_ratio: float = 0.5  # a `full` delivery may remove at most this share of pairs
+    membership_retention_days: int = 35  # membership versions kept for backfill
 
     @property
     def kinds(self) -> tuple[str, ...]:
@@ -133,7 +135,7 @@ def _feed(raw: Any, i: int, env: Mapping[str, str], base_dir: Path) -> FeedConfi
     _known(raw, where, {
         "name", "source", "kind", "known_hosts", "identity_file", "id_type", "id_kind",
         "id_encoding", "default_country", "decryption", "key_env", "iv_env",
-        "max_reject_ratio", "require_info",
+        "max_reject_ratio", "require_info", "max_removal_ratio", "membership_retention_days",
     })
     name = _req(raw, where, "name", str)
     where = f"feeds.{name}"
@@ -143,10 +145,10 @@ def _feed(raw: Any, i: int, env: Mapping[str, str], base_dir: Path) -> FeedConfi
     encoding = _choice(raw, where, "id_encoding", ENCODINGS, "plain")
     if id_types == ("ecid",) and encoding not in ("plain",):
         raise ConfigError(f"{where}.id_encoding: ECID feeds carry plain IDs, got {encoding!r}")
-    ratio = _opt(raw, where, "max_reject_ratio", (int, float))
-    ratio = 0.05 if ratio is None else float(ratio)
-    if not 0 <= ratio <= 1:
-        raise ConfigError(f"{where}.max_reject_ratio: must be between 0 and 1")
+    ratio = _ratio(raw, where, "max_reject_ratio", 0.05)
+    retention = _opt(raw, where, "membership_retention_days", int, 35)
+    if retention < 1:
+        raise ConfigError(f"{where}.membership_retention_days: must be a positive integer")
     decryption, key_env, key, iv = None, None, None, None
     if encoding in ("encrypted", "auto") and kind == "aam_segments":
         decryption = _choice(raw, where, "decryption", ALGORITHMS, None)
@@ -174,6 +176,8 @@ def _feed(raw: Any, i: int, env: Mapping[str, str], base_dir: Path) -> FeedConfi
         iv=iv,
         max_reject_ratio=ratio,
         require_info=bool(_opt(raw, where, "require_info", bool, True)),
+        max_removal_ratio=_ratio(raw, where, "max_removal_ratio", 0.5),
+        membership_retention_days=retention,
     )
 
 
@@ -350,6 +354,14 @@ def _req(raw: Mapping[str, Any], where: str, key: str, typ: Any) -> Any:
     if key not in raw:
         raise ConfigError(f"{where}.{key}: required")
     return _opt(raw, where, key, typ)
+
+
+def _ratio(raw: Mapping[str, Any], where: str, key: str, default: float) -> float:
+    value = _opt(raw, where, key, (int, float))
+    ratio = default if value is None else float(value)
+    if not 0 <= ratio <= 1:
+        raise ConfigError(f"{where}.{key}: must be between 0 and 1")
+    return ratio
 
 
 def _opt(raw: Mapping[str, Any], where: str, key: str, typ: Any, default: Any = None) -> Any:

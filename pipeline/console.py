@@ -56,6 +56,9 @@ def print_report(report: RunReport, console: Console | None = None) -> None:
     for d in report.deliveries:
         if d.reason:
             console.print(f"  {d.delivery}: {d.status}: {d.reason}", highlight=False)
+    if report.leavers():
+        console.print(f"leavers (pairs removed by full deliveries): {report.leavers()}",
+                      highlight=False)
     balanced = all(d.balanced() for d in report.deliveries)
     console.print(f"accounting invariant: {'holds' if balanced else 'VIOLATED'}; "
                   f"status: {report.to_dict()['status']}", highlight=False)

@@ -1,12 +1,15 @@
-"""Membership state: the last published members of each (destination, audience), as Parquet.
+"""Membership state, as Parquet under the state store: what has been published, so the next
+publication can say who left.
 
-Layout under the state store, one folder per (destination, audience):
+Export direction (SPEC §10), one folder per (destination, audience):
     membership/<destination>/<audience-key>/HEAD.json         which version is current
     membership/<destination>/<audience-key>/<version>.parquet  one column `dpuuid`
 
 A version is named after the export file that produced it. HEAD keeps the current and the
 previous version, so an export re-run after a crash (published, state partly saved, ledger
 not written) diffs against the state *before* that export and republishes the same bytes.
+
+AAM feeds (SPEC §11): see `FeedMembership` below.
 """
 
 from __future__ import annotations
@@ -17,10 +20,12 @@ import json
 import logging
 import re
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import polars as pl
 
 from pipeline.errors import FatalError
+from pipeline.spill import Spill, text_bucket
 from pipeline.stores import Store
 
 log = logging.getLogger(__name__)
@@ -161,3 +166,167 @@ def folder_name(name: str) -> str:
     slug = _UNSAFE.sub("-", name)[:40].strip("-")
     digest = hashlib.sha256(name.encode()).hexdigest()[:12]
     return f"{slug or 'x'}-{digest}"
+
+
+# --------------------------------------------------------------------------------------------
+# AAM feeds: the (profile_id, segment_id) pairs currently added, one version per delivery
+# --------------------------------------------------------------------------------------------
+
+FEEDS_ROOT = "feed_membership"
+MEMBERS = {"profile_id": pl.String, "segment_id": pl.UInt32}
+DAY_MS = 86_400_000
+
+
+@dataclass(frozen=True)
+class FeedVersion:
+    """The membership after one applied delivery: parts by profile bucket, never rewritten."""
+
+    delivery: str  # delivery root
+    timestamp_ms: int
+    pairs: int
+    buckets: int  # profile buckets the parts were written with (text_bucket)
+    folder: str  # version folder inside the feed folder
+    parts: tuple[int, ...] = ()  # buckets that hold pairs
+
+    @property
+    def order(self) -> tuple[int, str]:
+        return (self.timestamp_ms, self.delivery)
+
+
+@dataclass(frozen=True)
+class FeedHead:
+    """Every kept version of a feed, oldest first; `pruned` once retention deleted one."""
+
+    versions: tuple[FeedVersion, ...] = ()
+    pruned: bool = False
+
+    @property
+    def newest(self) -> FeedVersion | None:
+        return self.versions[-1] if self.versions else None
+
+    def before(self, order: tuple[int, str]) -> FeedVersion | None:
+        """The state a delivery of this order applies to: the newest version older than it."""
+        older = [v for v in self.versions if v.order < order]
+        return older[-1] if older else None
+
+    def has_state_before(self, timestamp_ms: int) -> bool:
+        """Whether the membership before this time is known (kept, or nothing was applied)."""
+        return not self.pruned or any(v.timestamp_ms < timestamp_ms for v in self.versions)
+
+
+@dataclass
+class Mirrored:
+    """One profile bucket after a delivery."""
+
+    members: pl.DataFrame  # (profile_id, segment_id) after the delivery, sorted
+    leavers: pl.DataFrame  # audience-shaped `remove` rows, `matched_on` null (full only)
+    removed: int = 0  # pairs of the old membership absent from the new one
+
+
+def empty_members() -> pl.DataFrame:
+    return pl.DataFrame(schema=MEMBERS)
+
+
+def mirror(audience: pl.DataFrame, members: pl.DataFrame, full: bool) -> Mirrored:
+    """Apply one profile bucket of a delivery's merged audience to the membership before it.
+
+    `iter`: added pairs enter, removed pairs leave, the rest stays. `full`: the membership
+    becomes the added pairs; old pairs the delivery does not mention at all are leavers
+    (a pair it explicitly removes is already a `remove` row of the audience).
+    """
+    pairs = ["profile_id", "segment_id"]
+    members = members.select(pl.col("profile_id").cast(pl.String),
+                             pl.col("segment_id").cast(pl.UInt32))
+    mentioned = audience.select(pl.col("profile_id").cast(pl.String),
+                                pl.col("segment_id").cast(pl.UInt32))
+    added = mentioned.filter(audience["action"] == "add")
+    kept = members.join(mentioned, on=pairs, how="anti")
+    new = (added if full else pl.concat([kept, added])).sort(pairs)
+    leavers = kept if full else kept.clear()
+    return Mirrored(
+        members=new,
+        leavers=leavers.sort(pairs).select(*pairs, action=pl.lit("remove"),
+                                           matched_on=pl.lit(None, pl.String)),
+        removed=members.join(new, on=pairs, how="anti").height,
+    )
+
+
+def write_members(members: pl.DataFrame, path: Path) -> None:
+    """One bucket of a version as Parquet: sorted, so equal memberships give equal bytes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    members.select(list(MEMBERS)).sort(list(MEMBERS)).write_parquet(path, compression="zstd")
+
+
+class FeedMembership:
+    """Membership versions of one AAM feed on the state store.
+
+    Layout:  feed_membership/<feed>/HEAD.json                 kept versions, oldest first
+             feed_membership/<feed>/<version>/part-<b>.parquet  pairs of profile bucket b
+    A version folder is written whole before HEAD names it and is never rewritten (a replay
+    writes a new folder), so a crash leaves at most an unnamed folder, removed later.
+    """
+
+    def __init__(self, store: Store, feed: str) -> None:
+        self.store = store
+        self.feed = feed
+        self.folder = f"{FEEDS_ROOT}/{folder_name(feed)}"
+
+    def head(self) -> FeedHead:
+        path = f"{self.folder}/HEAD.json"
+        if not self.store.exists(path):
+            return FeedHead()
+        try:
+            raw = json.loads(self.store.read_bytes(path))
+            versions = tuple(FeedVersion(**{**v, "parts": tuple(v["parts"])})
+                             for v in raw["versions"])
+            return FeedHead(versions, bool(raw["pruned"]))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise FatalError(f"membership state {path} is unreadable: {exc}") from None
+
+    def load(self, version: FeedVersion | None, buckets: int, spill: Spill,
+             name: str = "members") -> None:
+        """Spill a version's pairs by profile bucket (`buckets` of them), part by part."""
+        if version is None:
+            return
+        for b in version.parts:
+            path = f"{self.folder}/{version.folder}/{_part(b)}"
+            try:
+                part = pl.read_parquet(io.BytesIO(self.store.read_bytes(path)))
+            except FileNotFoundError:
+                raise FatalError(f"membership state {path} listed in HEAD is missing") from None
+            bucket = (pl.lit(b, pl.UInt32) if version.buckets == buckets
+                      else text_bucket(pl.col("profile_id"), buckets))
+            spill.write(name, part.with_columns(_b=bucket), bucket="_b")
+
+    def save(self, delivery: str, timestamp_ms: int, buckets: int, parts: dict[int, Path],
+             tag: str, retention_days: int) -> FeedVersion:
+        """Upload a version's parts, then name it in HEAD (replacing an earlier version of
+        the same delivery), drop versions past retention and every unnamed file."""
+        digest = hashlib.sha256(delivery.encode()).hexdigest()[:12]
+        folder = f"{timestamp_ms}-{digest}-{folder_name(tag)}"
+        pairs = 0
+        for b, local in sorted(parts.items()):
+            pairs += pl.scan_parquet(local).select(pl.len()).collect().item()
+            self.store.put_file(str(local), f"{self.folder}/{folder}/{_part(b)}")
+        version = FeedVersion(delivery, timestamp_ms, pairs, buckets, folder,
+                              tuple(sorted(parts)))
+        head = self.head()
+        versions = sorted([v for v in head.versions if v.delivery != delivery] + [version],
+                          key=lambda v: v.order)
+        cutoff = versions[-1].timestamp_ms - retention_days * DAY_MS
+        kept = [v for v in versions if v.timestamp_ms >= cutoff]
+        doc = {"feed": self.feed, "pruned": head.pruned or len(kept) < len(versions),
+               "versions": [asdict(v) for v in kept]}
+        self.store.write_bytes(f"{self.folder}/HEAD.json",
+                               json.dumps(doc, sort_keys=True, indent=1).encode())
+        named = {v.folder for v in kept}
+        for entry in self.store.list(self.folder + "/"):
+            rest = entry.path[len(self.folder) + 1:]
+            if rest != "HEAD.json" and rest.partition("/")[0] not in named:
+                self.store.delete(entry.path)
+        log.info("feed=%s membership_saved pairs=%d versions=%d", self.feed, pairs, len(kept))
+        return version
+
+
+def _part(bucket: int) -> str:
+    return f"part-{bucket:05d}.parquet"

@@ -23,6 +23,7 @@ class DeliveryReport:
     matched: int = 0
     unmatched: int = 0
     suppressed: int = 0
+    leavers: int = 0  # (profile, segment) pairs a `full` delivery removed: output rows
     rows_written: dict[str, int] = field(default_factory=dict)
     unmapped_segments: dict[str, int] = field(default_factory=dict)  # rows filtered out
     missing_ids: dict[str, int] = field(default_factory=dict)  # rows lacking the DPUUID
@@ -40,6 +41,7 @@ class DeliveryReport:
         """Back to zero counts and no outputs (a retry, or a delivery that could not be read)."""
         for name in COUNTS:
             setattr(self, name, 0)
+        self.leavers = 0
         for collection in (self.rows_written, self.unmapped_segments, self.missing_ids,
                            self.outputs):
             collection.clear()
@@ -62,6 +64,10 @@ class RunReport:
             for name, value in d.counts().items():
                 totals[name] += value
         return totals
+
+    def leavers(self) -> int:
+        """Output rows, not records: outside the §6 invariant, so not in `totals`."""
+        return sum(d.leavers for d in self.deliveries)
 
     def statuses(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -86,6 +92,7 @@ class RunReport:
             "dry_run": self.dry_run,
             "status": {0: "ok", 1: "failed", 3: "partial"}[self.exit_code()],
             "totals": self.totals(),
+            "leavers": self.leavers(),
             "deliveries_by_status": self.statuses(),
             "deliveries": [asdict(d) for d in self.deliveries],
             "error": self.error,

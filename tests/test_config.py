@@ -44,6 +44,10 @@ def test_valid_config_loads(tmp_path):
     assert KEY not in repr(feed)  # secrets never in repr
     assert config.destinations[0].traits == {111: 9001}
     assert Path(config.state.url).is_absolute()
+    assert (feed.max_removal_ratio, feed.membership_retention_days) == (0.5, 35)
+    feed = load_config(write(tmp_path, FEED + "\nmax_removal_ratio = 1\n"
+                                          "membership_retention_days = 7"), {"K": KEY}).feeds[0]
+    assert (feed.max_removal_ratio, feed.membership_retention_days) == (1.0, 7)
 
 
 @pytest.mark.parametrize(("feed", "dest", "env", "message"), [
@@ -54,6 +58,10 @@ def test_valid_config_loads(tmp_path):
     (FEED.replace('decryption = "aes-gcm"', ""), DEST, {"K": KEY},
      "feeds.f.decryption: required"),
     (FEED + "\nmax_reject_ratio = 2", DEST, {"K": KEY}, "feeds.f.max_reject_ratio"),
+    (FEED + "\nmax_removal_ratio = -0.1", DEST, {"K": KEY},
+     "feeds.f.max_removal_ratio: must be between 0 and 1"),
+    (FEED + "\nmembership_retention_days = 0", DEST, {"K": KEY},
+     "feeds.f.membership_retention_days: must be a positive integer"),
     (FEED, DEST.replace("dpid = 1", 'dpid = "x"'), {"K": KEY}, "destinations.d.dpid: wrong type"),
     (FEED, DEST.replace('"111" = 9001', '"abc" = 9001'), {"K": KEY},
      "destinations.d.segments: key 'abc'"),

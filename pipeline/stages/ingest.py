@@ -55,6 +55,11 @@ class Delivery:
         return self.files[0].name.timestamp_ms if self.files else _root_timestamp(self.root)
 
     @property
+    def full(self) -> bool:
+        """SYNC-MODE `full`: the delivery is the whole membership (no mode reads as `iter`)."""
+        return bool(self.files) and self.files[0].name.sync_mode == "full"
+
+    @property
     def date(self) -> date | None:
         return self.files[0].name.delivery_date if self.files else None
 
