@@ -322,22 +322,22 @@ def _spill_name(self, name, *rest, **kw) -> str:
     return name.split("-")[0]  # "keys-email_-1" -> "keys"
 
 
-# Stages of pipeline/delivery.py (bounded-memory design: three passes over spill files).
+# Stages of pipeline/flows/aam.py (bounded-memory design: three passes over spill files).
 PROBES = (
-    Probe("pipeline.delivery", "ingest", "1 ingest pass", label=_feed_of_plan),
+    Probe("pipeline.flows.aam", "ingest", "1 ingest pass", label=_feed_of_plan),
     # Since 8887036 chunks are read on a thread one chunk ahead: overlaps parse + resolve.
-    Probe("pipeline.delivery", "read_chunks",
+    Probe("pipeline.flows.aam", "read_chunks",
           "read chunks (md5, gunzip, split; read-ahead thread)", nested=True),
     Probe("pipeline.stages.resolve", "resolve", "parse + resolve", nested=True, eager=True,
           label=_feed_arg),
-    Probe("pipeline.delivery", "_quarantine", "quarantine file", nested=True),
+    Probe("pipeline.flows.aam", "_quarantine", "quarantine file", nested=True),
     # Since 0a59afa the index is built on a thread while the first delivery is read: it
     # overlaps pass 1 and is not added to the total.
     Probe("pipeline.snapshot:Snapshots", "index",
           "2 profile index (normalize, hash, bucket; on a thread, overlaps 1)", nested=True),
-    Probe("pipeline.delivery", "match", "3 match pass (join per key bucket)"),
+    Probe("pipeline.flows.aam", "match", "3 match pass (join per key bucket)"),
     Probe("pipeline.stages.join", "match", "join", nested=True, eager=True),
-    Probe("pipeline.delivery", "build", "4 build pass (merge per profile bucket, writers)"),
+    Probe("pipeline.flows.aam", "build", "4 build pass (merge per profile bucket, writers)"),
     Probe("pipeline.stages.join", "merge_segments", "merge segments", nested=True,
           eager=True),
     Probe("pipeline.stages.publish:CampaignListWriter", "add", "campaign writer add",
@@ -373,6 +373,7 @@ def profile_stages(config_path: Path, env: dict[str, str]) -> tuple[dict[str, St
     """
     import pipeline.run as run_mod
     from pipeline.config import load_config
+    from pipeline.context import RunOptions
 
     stats: dict[str, StageStats] = {}
     sampler = RssSampler()
@@ -423,7 +424,7 @@ def profile_stages(config_path: Path, env: dict[str, str]) -> tuple[dict[str, St
     config = load_config(config_path, env)
     with sampler:
         start = time.perf_counter()
-        report = run_mod.execute(config, run_mod.RunOptions())
+        report = run_mod.execute(config, RunOptions())
         total = time.perf_counter() - start
     if report.exit_code() != 0:
         print(f"profile: pipeline exit code {report.exit_code()}", file=sys.stderr)

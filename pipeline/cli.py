@@ -115,7 +115,8 @@ def _setup_logging(debug: bool, quiet: bool) -> None:
 def _cmd_run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     from pipeline.config import load_config
     from pipeline.console import Progress, print_report
-    from pipeline.run import RunOptions, execute
+    from pipeline.context import RunOptions
+    from pipeline.run import execute
 
     config = load_config(args.config, env)
     if args.command == "backfill" and args.date_from > args.date_to:

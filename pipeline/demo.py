@@ -13,8 +13,9 @@ import boto3
 
 from pipeline.config import load_config
 from pipeline.console import print_report
+from pipeline.context import RunOptions
 from pipeline.generate import GenerateSpec, generate
-from pipeline.run import RunOptions, execute
+from pipeline.run import execute
 from pipeline.servers import moto_s3_server, sftp_server
 from pipeline.stores import StoreOptions, open_store
 

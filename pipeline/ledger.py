@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.errors import FatalError
+from pipeline.errors import FatalError, PipelineError
 from pipeline.stores import Store
 
 STATUSES = ("processed", "failed", "skipped", "incomplete")
@@ -43,6 +43,17 @@ class Ledger:
         if not self.store.exists(path):
             return None
         return _entry(self.store.read_bytes(path), path)
+
+    def check_writable(self, run_id: str) -> None:
+        """Fail before anything is published when records cannot be kept: a run that
+        publishes without recording would republish on every rerun."""
+        probe = f"ledger/.probe-{run_id}"
+        try:
+            self.store.write_bytes(probe, b"")
+            self.store.delete(probe)
+        except (PipelineError, OSError) as exc:
+            raise FatalError(f"state location: the ledger is not writable "
+                             f"({type(exc).__name__}: {exc}); nothing processed") from None
 
     def put(self, entry: LedgerEntry) -> None:
         self.store.write_bytes(self._path(entry.feed, entry.delivery), entry.to_json())

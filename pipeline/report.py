@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from pipeline.errors import DeliveryFailed
+
 COUNTS = ("records_received", "format_errors", "invalid_ids", "decrypt_failures",
           "matched", "unmatched", "suppressed")
 
@@ -36,6 +38,14 @@ class DeliveryReport:
     def balanced(self) -> bool:
         """SPEC §6: every received record is in exactly one count."""
         return self.records_received == self.rejected + self.matched + self.unmatched
+
+    def check_reject_ratio(self, max_ratio: float) -> None:
+        """SPEC §6: above the feed's max_reject_ratio the delivery fails, nothing published."""
+        ratio = self.rejected / self.records_received if self.records_received else 0.0
+        if ratio > max_ratio:
+            raise DeliveryFailed(f"reject ratio {ratio:.4f} exceeds max_reject_ratio "
+                                 f"{max_ratio} ({self.rejected} of {self.records_received} "
+                                 "records rejected; see quarantine)")
 
     def reset_counts(self) -> None:
         """Back to zero counts and no outputs (a retry, or a delivery that could not be read)."""

@@ -1,17 +1,21 @@
-"""Run: wire stores, stages, ledger and report together for `run` and `backfill`."""
+"""Run: one loop over every feed's deliveries for `run` and `backfill`.
+
+Each flow (flows/aam.py, flows/export.py) lists its units and processes one; this module
+owns what they share: the lock, selection, skip rules, retries, the ledger and the report.
+"""
 
 from __future__ import annotations
 
 import logging
 import shutil
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import UTC, date, datetime
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any, Protocol
 
 from pipeline.config import Config, FeedConfig
-from pipeline.delivery import process_delivery
+from pipeline.context import Context, RunOptions
 from pipeline.errors import (
     DeliveryFailed,
     FatalError,
@@ -19,48 +23,36 @@ from pipeline.errors import (
     PipelineError,
     TransientError,
 )
+from pipeline.flows.aam import AamFlow
+from pipeline.flows.export import ExportFlow
 from pipeline.ledger import Ledger, LedgerEntry
 from pipeline.lock import StateLock
 from pipeline.report import DeliveryReport, RunReport
 from pipeline.snapshot import Snapshots, make_workdir
-from pipeline.stages import export
-from pipeline.stages.ingest import Delivery, entry_md5s, find_deliveries
 from pipeline.stages.join import KEY_KINDS
 from pipeline.stores import Store, open_store
 
 log = logging.getLogger(__name__)
+DONE = ("processed", "skipped")  # ledger statuses a plain `run` does not redo
 
 
-@dataclass(frozen=True)
-class RunOptions:
-    command: str = "run"
-    day: date | None = None  # only deliveries of this date
-    date_from: date | None = None  # backfill range (inclusive)
-    date_to: date | None = None
-    force: bool = False
-    full: bool = False
-    dry_run: bool = False
-    retry_delays: tuple[float, ...] = (2.0, 10.0)  # waits before 2nd and 3rd attempts
+class Flow(Protocol):
+    """What the run loop needs of a flow; a unit is one delivery (or one export file)."""
 
-    def wants(self, day: date | None) -> bool:
-        """Whether a delivery of this date is selected by --date / --from / --to."""
-        if self.day and day != self.day:
-            return False
-        if self.date_from and (day is None or day < self.date_from):
-            return False
-        return not (self.date_to and (day is None or day > self.date_to))
+    feed: FeedConfig
+
+    def units(self) -> list[Any]: ...
+    def blocked(self, unit: Any) -> tuple[str, str] | None: ...  # (status, reason)
+    def again(self, unit: Any) -> bool: ...  # reprocess although done
+    def changed(self, unit: Any, previous: LedgerEntry) -> str | None: ...
+    def files(self, unit: Any) -> dict[str, str]: ...  # identity for the ledger
+    def process(self, unit: Any, rep: DeliveryReport) -> None: ...
 
 
-@dataclass
-class Context:
-    config: Config
-    options: RunOptions
-    run_id: str
-    state: Store
-    ledger: Ledger
-    snapshots: Snapshots
-    targets: dict[str, Store]
-    workdir: Path
+def flow_for(ctx: Context, feed: FeedConfig, source: Store) -> Flow:
+    if feed.kind == "campaign_export":
+        return ExportFlow(ctx, feed, source)
+    return AamFlow(ctx, feed, source)
 
 
 def execute(config: Config, options: RunOptions, now: datetime | None = None,
@@ -70,7 +62,7 @@ def execute(config: Config, options: RunOptions, now: datetime | None = None,
     run_id = now.strftime("%Y%m%dT%H%M%S%fZ")
     report = RunReport(run_id=run_id, command=options.command, dry_run=options.dry_run)
     workdir = make_workdir()
-    stores: list[Store] = []
+    stores: list[Any] = []
     lock = None
     try:
         state = _keep(stores, open_store(config.state.url, config.state.options))
@@ -78,20 +70,17 @@ def execute(config: Config, options: RunOptions, now: datetime | None = None,
             lock = StateLock(state, run_id, now)
             lock.acquire()
         kinds = tuple(k for k in KEY_KINDS if any(k in f.kinds for f in config.feeds))
-        snapshots = Snapshots(config.snapshot, config.default_country, workdir, kinds)
-        stores.append(snapshots)  # type: ignore[arg-type]  # has close()
+        snapshots = _keep(stores, Snapshots(config.snapshot, config.default_country, workdir,
+                                            kinds))
         targets = {d.name: _keep(stores, open_store(d.target.url, d.target.options))
                    for d in config.destinations}
         ctx = Context(config, options, run_id, state, Ledger(state), snapshots, targets,
                       Path(workdir))
+        if not options.dry_run:
+            ctx.ledger.check_writable(run_id)
         for feed in config.feeds:
             source = _keep(stores, open_store(feed.source.url, feed.source.options))
-            if feed.kind == "campaign_export":
-                results = export.process_export(ctx, feed, source)
-            else:
-                results = (process(ctx, feed, source, d) for d in _selected(
-                    find_deliveries(source, feed.name, feed.require_info), options))
-            for result in results:
+            for result in run_feed(ctx, flow_for(ctx, feed, source)):
                 report.deliveries.append(result)
                 if on_delivery:
                     on_delivery(result)
@@ -106,43 +95,51 @@ def execute(config: Config, options: RunOptions, now: datetime | None = None,
     return report
 
 
-def _selected(deliveries: list[Delivery], options: RunOptions) -> list[Delivery]:
-    return [d for d in deliveries if options.wants(d.date)]
+def run_feed(ctx: Context, flow: Flow) -> Iterator[DeliveryReport]:
+    """The feed's selected units, oldest first, each processed (or skipped) and recorded."""
+    for unit in flow.units():
+        yield process(ctx, flow, unit)
 
 
-def process(ctx: Context, feed: FeedConfig, source: Store, delivery: Delivery) -> DeliveryReport:
-    rep = DeliveryReport(feed=feed.name, delivery=delivery.root,
-                         date=delivery.date.isoformat() if delivery.date else None)
-    previous = ctx.ledger.get(feed.name, delivery.root)
-    if not delivery.complete:
-        rep.status = "failed" if delivery.broken else "incomplete"
-        rep.reason = delivery.broken or delivery.problem
-        if not ctx.options.dry_run and (previous is None or previous.status != "processed"):
-            _record(ctx, rep, delivery)
+def process(ctx: Context, flow: Flow, unit: Any) -> DeliveryReport:
+    feed = flow.feed.name
+    rep = DeliveryReport(feed=feed, delivery=unit.root,
+                         date=unit.date.isoformat() if unit.date else None)
+    previous = ctx.ledger.get(feed, unit.root)
+    blocked = flow.blocked(unit)
+    if blocked:
+        rep.status, rep.reason = blocked
+        if not ctx.options.dry_run and not _processed(previous):
+            _record(ctx, rep, flow.files(unit))
         return rep
-    if previous and previous.status == "processed" and not _reprocess(ctx):
+    if previous and previous.status in DONE and not flow.again(unit):
         rep.status = "skipped"
-        if previous.files != entry_md5s(delivery):
-            rep.reason = "files changed since processed; rerun with --force to reprocess"
-            log.warning("feed=%s delivery=%s changed_after_processing", feed.name, delivery.root)
+        rep.reason = flow.changed(unit, previous)
+        if rep.reason:
+            log.warning("feed=%s delivery=%s changed_after_processing", feed, unit.root)
         return rep
     try:
-        _with_retries(lambda: _attempt(ctx, feed, source, delivery, rep),
-                      ctx.options.retry_delays, delivery.root)
+        _with_retries(lambda: _attempt(ctx, flow, unit, rep), ctx.options.retry_delays,
+                      unit.root)
     except (IncompleteDelivery, DeliveryFailed, TransientError) as exc:
         rep.status = "incomplete" if isinstance(exc, IncompleteDelivery) else "failed"
         rep.reason = str(exc)
         if not rep.balanced():  # stopped while counting: its records were not all read
             rep.reset_counts()
-        log.error("feed=%s delivery=%s status=%s reason=%s", feed.name, delivery.root,
-                  rep.status, exc)
-    if not ctx.options.dry_run:
-        _record(ctx, rep, delivery)
+        log.error("feed=%s delivery=%s status=%s reason=%s", feed, unit.root, rep.status, exc)
+    # A unit skipped while processing (superseded) keeps its earlier processed record.
+    kept = rep.status == "skipped" and _processed(previous)
+    if not ctx.options.dry_run and not kept:
+        _record(ctx, rep, flow.files(unit))
     return rep
 
 
+def _processed(entry: LedgerEntry | None) -> bool:
+    return entry is not None and entry.status == "processed"
+
+
 def _with_retries(step: Callable[[], None], delays: tuple[float, ...], what: str) -> None:
-    """Retry a delivery on retriable store errors; it is idempotent (deterministic names)."""
+    """Retry a unit on retriable store errors; it is idempotent (deterministic names)."""
     for attempt, delay in enumerate((*delays, None), start=1):
         try:
             step()
@@ -157,34 +154,31 @@ def _with_retries(step: Callable[[], None], delays: tuple[float, ...], what: str
             time.sleep(delay)
 
 
-def _attempt(ctx: Context, feed: FeedConfig, source: Store, delivery: Delivery,
-             rep: DeliveryReport) -> None:
+def _attempt(ctx: Context, flow: Flow, unit: Any, rep: DeliveryReport) -> None:
     rep.reset_counts()  # a retry starts from scratch
-    process_delivery(ctx, feed, source, delivery, rep)
-    rep.status = "dry_run" if ctx.options.dry_run else "processed"
+    rep.status, rep.reason = "pending", None
+    flow.process(unit, rep)
+    if rep.status != "skipped":
+        rep.status = "dry_run" if ctx.options.dry_run else "processed"
     log.info("feed=%s delivery=%s status=%s received=%d matched=%d rejected=%d",
-             feed.name, delivery.root, rep.status, rep.records_received, rep.matched,
+             rep.feed, unit.root, rep.status, rep.records_received, rep.matched,
              rep.rejected)
 
 
-def _reprocess(ctx: Context) -> bool:
-    return ctx.options.force or ctx.options.command == "backfill"
-
-
-def _record(ctx: Context, rep: DeliveryReport, delivery: Delivery) -> None:
+def _record(ctx: Context, rep: DeliveryReport, files: dict[str, str]) -> None:
     ctx.ledger.put(LedgerEntry(
-        feed=rep.feed, delivery=rep.delivery, status=rep.status,
-        files=entry_md5s(delivery), counts=rep.counts(), outputs=rep.outputs,
-        run_id=ctx.run_id, reason=rep.reason, date=rep.date,
+        feed=rep.feed, delivery=rep.delivery, status=rep.status, files=files,
+        counts=rep.counts(), outputs=rep.outputs, run_id=ctx.run_id, reason=rep.reason,
+        date=rep.date,
     ))
 
 
-def _keep(stores: list, store: Store) -> Store:
+def _keep(stores: list[Any], store: Any) -> Any:
     stores.append(store)
     return store
 
 
-def _close(store) -> None:
+def _close(store: Any) -> None:
     try:
         store.close()
     except (PipelineError, OSError):

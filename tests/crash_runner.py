@@ -13,8 +13,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline import delivery, run  # noqa: E402
+from pipeline import run  # noqa: E402
 from pipeline.cli import main  # noqa: E402
+from pipeline.flows import aam as delivery  # noqa: E402
 from pipeline.stages import publish  # noqa: E402
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.cli import main  # noqa: E402
-from pipeline.stages import export  # noqa: E402
+from pipeline.flows import export  # noqa: E402
 
 
 def install(crash_at: int) -> None:

@@ -277,3 +277,52 @@ def test_failed_delivery_counts_still_add_up(env, capsys):
     received = d["records_received"]
     assert received == (d["format_errors"] + d["invalid_ids"] + d["decrypt_failures"]
                         + d["matched"] + d["unmatched"])
+
+
+def test_unwritable_ledger_stops_before_publishing(env, capsys):
+    """Publishing without a ledger record would republish on every rerun: refuse first."""
+    put(env, ROOT1)
+    cfg = config(env)
+    (env / "state").mkdir()
+    (env / "state" / "ledger").write_text("not a folder")
+    code = main(["run", "--config", str(cfg)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1
+    assert "ledger is not writable" in err[-1] and "Traceback" not in "".join(err)
+    assert not (env / "out").exists() or outputs(env) == {}
+
+
+def test_export_and_aam_feeds_share_one_retry_path(env, capsys, monkeypatch):
+    """A retriable store error is retried for export files as for AAM deliveries (#11.6)."""
+    from pipeline.config import load_config
+    from pipeline.context import RunOptions
+    from pipeline.errors import TransientError
+    from pipeline.run import execute
+    from pipeline.stores.local import LocalStore
+
+    cfg = config(env, extra_feed="")
+    text = cfg.read_text().replace('segments = { "111" = 1, "112" = 2, "113" = 3 }',
+                                   'segments = { "111" = 1, "112" = 2, "113" = 3 }\n'
+                                   'audiences = { "vip" = 9 }')
+    text = text.replace('[[destinations]]\nname = "campaign"', '''[[feeds]]
+name = "exports"
+kind = "campaign_export"
+source = "exports"
+[[destinations]]
+name = "campaign"''', 1)
+    cfg.write_text(text)
+    (env / "exports").mkdir()
+    (env / "exports" / "vip_20170203.csv").write_text("audience,profile_id\nvip,P1\n")
+    reads = {"n": 0}
+    real = LocalStore.read_bytes
+
+    def flaky(self, path):
+        if path.endswith(".csv") and "exports" in str(self.root) and reads["n"] == 0:
+            reads["n"] += 1
+            raise TransientError("injected outage")
+        return real(self, path)
+
+    monkeypatch.setattr(LocalStore, "read_bytes", flaky)
+    report = execute(load_config(cfg, {}), RunOptions(retry_delays=(0.0,)))
+    statuses = {d.delivery: d.status for d in report.deliveries}
+    assert reads["n"] == 1 and statuses["vip_20170203"] == "processed", statuses

@@ -6,7 +6,8 @@ import uuid
 from pathlib import Path
 
 from pipeline.config import load_config
-from pipeline.run import RunOptions, execute
+from pipeline.context import RunOptions
+from pipeline.run import execute
 from pipeline.stores import StoreOptions, open_store
 from tests.factories import delivery_files, put_all, write_snapshot
 

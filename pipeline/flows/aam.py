@@ -14,20 +14,23 @@ import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import polars as pl
 
 from pipeline.config import FeedConfig
-from pipeline.errors import DeliveryFailed
+from pipeline.context import Context
+from pipeline.ledger import LedgerEntry
 from pipeline.report import DeliveryReport
 from pipeline.spill import Spill, key_bucket, text_bucket
 from pipeline.stages import join, publish, resolve
-from pipeline.stages.ingest import Delivery, read_ahead, read_chunks
+from pipeline.stages.ingest import (
+    Delivery,
+    entry_md5s,
+    find_deliveries,
+    read_ahead,
+    read_chunks,
+)
 from pipeline.stores import Store
-
-if TYPE_CHECKING:
-    from pipeline.run import Context
 
 log = logging.getLogger(__name__)
 LINES_PER_BUCKET = 1_000_000  # resolved rows held in memory at once
@@ -42,6 +45,42 @@ class Plan:
     buckets: int
     spill: Spill
     contacts: bool = False  # a no_profile_contacts destination wants unmatched addresses
+
+
+class AamFlow:
+    """The AAM deliveries of one feed, for the run loop (run.py)."""
+
+    def __init__(self, ctx: Context, feed: FeedConfig, source: Store) -> None:
+        self.ctx, self.feed, self.source = ctx, feed, source
+
+    def units(self) -> list[Delivery]:
+        found = find_deliveries(self.source, self.feed.name, self.feed.require_info)
+        return [d for d in found if self.ctx.options.wants(d.date)]
+
+    @staticmethod
+    def blocked(delivery: Delivery) -> tuple[str, str] | None:
+        """AAM may write the .info before the data: missing files wait for a later run."""
+        if delivery.broken:
+            return "failed", delivery.broken
+        if delivery.problem:
+            return "incomplete", delivery.problem
+        return None
+
+    def again(self, delivery: Delivery) -> bool:
+        return self.ctx.options.reprocess
+
+    @staticmethod
+    def changed(delivery: Delivery, previous: LedgerEntry) -> str | None:
+        if previous.files != entry_md5s(delivery):
+            return "files changed since processed; rerun with --force to reprocess"
+        return None
+
+    @staticmethod
+    def files(delivery: Delivery) -> dict[str, str]:
+        return entry_md5s(delivery)
+
+    def process(self, delivery: Delivery, rep: DeliveryReport) -> None:
+        process_delivery(self.ctx, self.feed, self.source, delivery, rep)
 
 
 def bucket_count(delivery: Delivery, profiles: int) -> int:
@@ -70,7 +109,7 @@ def process_delivery(ctx: Context, feed: FeedConfig, source: Store, delivery: De
                index.result().phones if "phone" in feed.kinds else None)
         profiles = index.result()
     match(plan, profiles, rep)
-    _check_ratio(feed, rep)
+    rep.check_reject_ratio(feed.max_reject_ratio)
     key = publish.DeliveryKey(feed.name, delivery.root,
                               publish.timestamp_seconds(delivery.timestamp_ms, rep.date))
     outputs = build(ctx, plan, profiles, key)
@@ -163,14 +202,6 @@ def _fill(plan: Plan, profiles, audience_writers: dict, contact_writers: dict) -
             merged = join.merge_contacts(contacts).collect()
             for writer in contact_writers.values():
                 writer.add(merged)
-
-
-def _check_ratio(feed: FeedConfig, rep: DeliveryReport) -> None:
-    ratio = rep.rejected / rep.records_received if rep.records_received else 0.0
-    if ratio > feed.max_reject_ratio:
-        raise DeliveryFailed(f"reject ratio {ratio:.4f} exceeds max_reject_ratio "
-                             f"{feed.max_reject_ratio} ({rep.rejected} of {rep.records_received} "
-                             "records rejected; see quarantine)")
 
 
 def _quarantine(ctx: Context, plan: Plan) -> None:
