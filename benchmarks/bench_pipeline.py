@@ -36,7 +36,7 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pipeline.generate import GenerateSpec, generate  # noqa: E402
+from localdev.generate import GenerateSpec, generate  # noqa: E402
 
 CONFIG = """\
 # Written by benchmarks/bench_pipeline.py

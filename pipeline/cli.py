@@ -153,14 +153,30 @@ def _cmd_status(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     return 0
 
 
+def _localdev(command: str, *needs: str) -> None:
+    """demo and generate live in the checkout's localdev/, outside the installed package."""
+    import importlib.util
+
+    for name in ("localdev", *needs):
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            raise ConfigError(f"{command} needs the repository checkout and the demo extra: "
+                              "make demo")
+
+
 def _cmd_demo(args: argparse.Namespace, env: Mapping[str, str]) -> int:
-    from pipeline.demo import run_demo
+    _localdev("demo", "moto")
+    from localdev.demo import run_demo
 
     return run_demo(args.output, lines=args.lines, as_json=args.json)
 
 
 def _cmd_generate(args: argparse.Namespace, env: Mapping[str, str]) -> int:
-    from pipeline.generate import GenerateSpec, generate
+    _localdev("generate")
+    from localdev.generate import GenerateSpec, generate
 
     spec = GenerateSpec(lines=args.lines, profiles=args.profiles, files=args.files,
                         deliveries=args.deliveries, seed=args.seed)

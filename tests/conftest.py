@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterator
 import boto3
 import pytest
 
-from pipeline import servers
+from localdev import servers
 
 
 @pytest.fixture(scope="session")
@@ -37,6 +37,6 @@ def make_bucket(s3_endpoint: str) -> Callable[[], str]:
 
 @pytest.fixture(scope="session")
 def sftp_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[servers.SftpServer]:
-    """OpenSSH sshd serving SFTP over a temp folder (see pipeline.servers.sftp_server)."""
+    """OpenSSH sshd serving SFTP over a temp folder (see localdev.servers.sftp_server)."""
     with servers.sftp_server(tmp_path_factory.mktemp("sftp")) as server:
         yield server

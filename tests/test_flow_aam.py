@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from localdev.generate import KEY_ENV, GenerateSpec, demo_key, generate
 from pipeline.cli import main
 from pipeline.flows import aam as delivery
-from pipeline.generate import KEY_ENV, GenerateSpec, demo_key, generate
 from pipeline.stages import ingest
 
 

@@ -14,7 +14,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from pipeline import servers
+from localdev import servers
 from pipeline.errors import ConfigError, FatalError, StoreUnavailable
 from pipeline.stores import Entry, Store, StoreOptions, open_store
 from pipeline.stores.sftp import SftpStore

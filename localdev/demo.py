@@ -11,12 +11,12 @@ from pathlib import Path
 
 import boto3
 
+from localdev.generate import GenerateSpec, generate
+from localdev.servers import moto_s3_server, sftp_server
 from pipeline.config import load_config
 from pipeline.console import print_report
 from pipeline.context import RunOptions
-from pipeline.generate import GenerateSpec, generate
 from pipeline.run import execute
-from pipeline.servers import moto_s3_server, sftp_server
 from pipeline.stores import StoreOptions, open_store
 
 log = logging.getLogger(__name__)
