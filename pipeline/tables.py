@@ -1,4 +1,4 @@
-"""Table schemas (pipeline/schemas/*.json) as data, checked on read."""
+"""Table schemas (schemas/*.json, packaged as pipeline.schemas) as data, checked on read."""
 
 from __future__ import annotations
 
@@ -40,6 +40,14 @@ def check_columns(schema: pl.Schema, name: str, where: str) -> list[str]:
                 f"{where}: column {col!r} has type {dtype}, expected {' or '.join(rule['types'])}"
             )
     return [c for c in spec if c in schema]
+
+
+def check_output(schema: pl.Schema, name: str, where: str) -> None:
+    """An output we write has exactly its schema's columns, in order, of the right types."""
+    expected = list(load_schema(name)["columns"])
+    if list(schema) != expected:
+        raise SchemaError(f"{where}: columns {list(schema)} differ from {name} schema {expected}")
+    check_columns(schema, name, where)
 
 
 def check_rows(frame: pl.LazyFrame, name: str, where: str) -> None:

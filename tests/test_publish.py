@@ -11,9 +11,12 @@ import polars as pl
 import pytest
 
 from pipeline.config import DestinationConfig, Location
-from pipeline.stages.publish import InboundWriter
+from pipeline.errors import SchemaError
+from pipeline.stages.publish import CampaignListWriter, DeliveryKey, InboundWriter
+from pipeline.tables import check_output, check_rows
 
 TS = 1764000001  # 2025-11-24
+GOLDEN = Path(__file__).parent / "golden"
 
 
 def dest(max_lines: int, gz: bool = True) -> DestinationConfig:
@@ -77,3 +80,46 @@ def test_close_after_a_failure_stops_the_thread(tmp_path: Path) -> None:
         writer.add_rows(pl.DataFrame({"dpuuid": [""], "trait_id": [11], "action": ["add"]}))
     writer.close()
     assert _compress_threads() == 0
+
+
+# --- Campaign list: what is written matches schemas/campaign_list.json ---
+
+def campaign_dest(fmt: str) -> DestinationConfig:
+    return DestinationConfig("crm", "campaign_list", Location("/unused"), format=fmt)
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_campaign_list_output_matches_its_schema(tmp_path: Path, fmt: str) -> None:
+    writer = CampaignListWriter(campaign_dest(fmt), DeliveryKey("emails", "d1", TS), tmp_path)
+    writer.add(pl.DataFrame({"profile_id": ["p2", "p1", "p1"], "segment_id": [7, 9, 7],
+                             "action": ["add", "remove", "add"],
+                             "matched_on": ["email", "email", "phone"]}))
+    ((_, local),) = writer.finish().files
+    assert isinstance(local, Path)
+    table = (pl.read_parquet(local) if fmt == "parquet"
+             else pl.read_csv(local, schema_overrides={"profile_id": pl.String}))
+    assert table.height == 3
+    check_output(table.schema, "campaign_list", "written")
+    check_rows(table.lazy(), "campaign_list", "written")
+
+
+def test_golden_campaign_lists_match_the_schema() -> None:
+    for name in ("e2e_campaign.csv", "resolution_campaign.csv"):
+        table = pl.read_csv(GOLDEN / name, schema_overrides={"profile_id": pl.String})
+        assert table.height > 0
+        check_output(table.schema, "campaign_list", name)
+        check_rows(table.lazy(), "campaign_list", name)
+
+
+@pytest.mark.parametrize("columns, message", [
+    ({"segment_id": pl.Int64, "profile_id": pl.String, "action": pl.String,
+      "matched_on": pl.String, "delivery": pl.String}, "differ from campaign_list schema"),
+    ({"profile_id": pl.String, "segment_id": pl.Int64, "action": pl.String,
+      "matched_on": pl.String}, "differ from campaign_list schema"),
+    ({"profile_id": pl.String, "segment_id": pl.String, "action": pl.String,
+      "matched_on": pl.String, "delivery": pl.String}, "'segment_id' has type String"),
+])
+def test_campaign_list_schema_refuses_other_columns(columns: dict[str, pl.DataType],
+                                                    message: str) -> None:
+    with pytest.raises(SchemaError, match=message):
+        check_output(pl.Schema(columns), "campaign_list", "campaign list x.csv")

@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 from pipeline.config import DestinationConfig
 from pipeline.formats import inbound_file_name, inbound_folder, inbound_lines
 from pipeline.stores import Store
+from pipeline.tables import check_output
 
 log = logging.getLogger(__name__)
 DPUUID_COLUMN = {"email_sha256": "email_key", "profile_id": "profile_id",
@@ -79,6 +80,8 @@ class CampaignListWriter:
         self._append(table)
 
     def _append(self, table: pl.DataFrame) -> None:
+        if not self._started:  # the columns Campaign imports (schemas/campaign_list.json)
+            check_output(table.schema, "campaign_list", f"campaign list {self.path}")
         if self.dest.format == "parquet":
             arrow = table.to_arrow()
             if self._parquet is None:
