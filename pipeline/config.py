@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import posixpath
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 from pipeline.errors import ConfigError
 from pipeline.stores import StoreOptions
@@ -18,6 +21,10 @@ ALGORITHMS = ("aes-gcm", "aes-cbc")
 FEED_KINDS = ("aam_segments", "campaign_export")
 DEST_KINDS = ("campaign_list", "aam_inbound", "no_profile_contacts")
 DPUUID_IDS = ("email_sha256", "profile_id", "crm_id", "ecid")
+# Feed and destination names become folder names under the state location and targets.
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+MAX_SEGMENT_ID = 2**32 - 1  # segment IDs are UInt32 through the pipeline (formats.parse_lines)
+MAX_AAM_ID = 2**31 - 1  # AAM trait IDs and data source IDs (DPID) are 32-bit signed integers
 
 
 @dataclass(frozen=True)
@@ -109,8 +116,10 @@ def parse_config(
     _unique([d.name for d in dests], "destinations")
     _check_export_targets(feeds, dests)
     country = _opt(profiles, "profiles", "default_country", str)
+    state_location = _location(state, "state", "location", base_dir)
+    _check_overlaps(state_location, feeds, dests)
     return Config(
-        state=_location(state, "state", "location", base_dir),
+        state=state_location,
         snapshot=_location(profiles, "profiles", "snapshot", base_dir),
         default_country=_country(country, "profiles.default_country"),
         feeds=feeds,
@@ -128,6 +137,48 @@ def _check_export_targets(feeds: tuple[FeedConfig, ...],
                           "destination with an `audiences` table")
 
 
+def _check_overlaps(state: Location, feeds: tuple[FeedConfig, ...],
+                    dests: tuple[DestinationConfig, ...]) -> None:
+    """Nothing the pipeline writes may land where a feed reads, and two writers (the state,
+    each destination) never share a folder: outputs would be read back as input or replace
+    each other's files (manifests are named by feed and delivery only)."""
+    readers = [(f"feeds.{f.name}.source", f.source.url) for f in feeds]
+    writers = [("state.location", state.url)] + [
+        (f"destinations.{d.name}.target", d.target.url) for d in dests]
+    for i, (key, url) in enumerate(writers):
+        for other, other_url in readers + writers[:i]:
+            if _overlap(_place(url), _place(other_url)):
+                raise ConfigError(f"{key}: overlaps {other} ({url} and {other_url}); "
+                                  "use separate folders")
+
+
+def _place(url: str) -> tuple[str, str, str]:
+    """(scheme, host, folder path ending in '/') of a location, normalized for comparison."""
+    if url.startswith("s3://"):
+        bucket, _, prefix = url.removeprefix("s3://").partition("/")
+        return "s3", bucket, "/" + prefix.strip("/") + "/" if prefix.strip("/") else "/"
+    if url.startswith("sftp://"):
+        parts = urlsplit(url)
+        path = posixpath.normpath("/" + unquote(parts.path).lstrip("/"))
+        host = f"{parts.hostname or ''}:{parts.port or 22}"
+        return "sftp", host, path.rstrip("/") + "/"
+    path = unquote(urlsplit(url).path) if url.startswith("file://") else url
+    return "file", "", str(Path(path).resolve()).rstrip("/") + "/"
+
+
+def _overlap(a: tuple[str, str, str], b: tuple[str, str, str]) -> bool:
+    return a[:2] == b[:2] and (a[2].startswith(b[2]) or b[2].startswith(a[2]))
+
+
+def _name(raw: Mapping[str, Any], where: str) -> str:
+    name = _req(raw, where, "name", str)
+    if not NAME.fullmatch(name) or ".." in name:
+        raise ConfigError(f"{where}.name: must be a plain name (letters, digits, '.', '_', "
+                          "'-'; starting with a letter or digit; no '..'; at most 100 "
+                          f"characters), got {name!r}")
+    return name
+
+
 def _feed(raw: Any, i: int, env: Mapping[str, str], base_dir: Path) -> FeedConfig:
     where = f"feeds[{i}]"
     if not isinstance(raw, dict):
@@ -137,7 +188,7 @@ def _feed(raw: Any, i: int, env: Mapping[str, str], base_dir: Path) -> FeedConfi
         "id_encoding", "default_country", "decryption", "key_env", "iv_env",
         "max_reject_ratio", "require_info", "max_removal_ratio", "membership_retention_days",
     })
-    name = _req(raw, where, "name", str)
+    name = _name(raw, where)
     where = f"feeds.{name}"
     kind = _choice(raw, where, "kind", FEED_KINDS, "aam_segments")
     id_types = _choices(raw, where, "id_type", ID_TYPES, "declared")
@@ -189,7 +240,7 @@ def _destination(raw: Any, i: int, base_dir: Path) -> DestinationConfig:
         "name", "kind", "target", "format", "dpid", "id", "segments", "audiences",
         "max_lines_per_file", "gzip", "known_hosts", "identity_file", "sse",
     })
-    name = _req(raw, where, "name", str)
+    name = _name(raw, where)
     where = f"destinations.{name}"
     kind = _choice(raw, where, "kind", DEST_KINDS, None)
     if kind is None:
@@ -210,12 +261,15 @@ def _destination(raw: Any, i: int, base_dir: Path) -> DestinationConfig:
         if segments is not None:
             if not isinstance(segments, list) or not all(_pos_int(s) for s in segments):
                 raise ConfigError(f"{where}.segments: must be a list of positive segment IDs")
+            for s in segments:
+                _in_range(int(s), MAX_SEGMENT_ID, f"{where}.segments: segment ID")
             dest = _replace(dest, segment_filter=tuple(int(s) for s in segments))
         return dest
     if kind == "aam_inbound":
         dpid = _req(raw, where, "dpid", int)
         if dpid <= 0:
             raise ConfigError(f"{where}.dpid: must be a positive integer")
+        _in_range(dpid, MAX_AAM_ID, f"{where}.dpid:")
         traits = _int_table(segments, f"{where}.segments", key_is_int=True) if segments else {}
         audiences = _int_table(raw.get("audiences"), f"{where}.audiences", key_is_int=False)
         if not traits and not audiences:
@@ -303,10 +357,18 @@ def _int_table(value: Any, where: str, key_is_int: bool) -> dict:
     for k, v in value.items():
         if key_is_int and not _pos_int(k):
             raise ConfigError(f"{where}: key {k!r} is not a positive segment ID")
+        if key_is_int:
+            _in_range(int(k), MAX_SEGMENT_ID, f"{where}: segment ID")
         if not _pos_int(v):
             raise ConfigError(f"{where}.{k}: trait ID must be a positive integer")
+        _in_range(int(v), MAX_AAM_ID, f"{where}.{k}: trait ID")
         out[int(k) if key_is_int else str(k)] = int(v)
     return out
+
+
+def _in_range(value: int, top: int, what: str) -> None:
+    if not 1 <= value <= top:
+        raise ConfigError(f"{what} {value} out of range (1..{top})")
 
 
 def _pos_int(value: Any) -> bool:

@@ -53,6 +53,26 @@ class OutboundName:
         return self.folder_date
 
 
+# C0 and C1 controls and Unicode line/paragraph separators: a line break in a file name would
+# split CSV cells, manifests and log lines downstream.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def control_char_problem(*names: str) -> str | None:
+    """Why these names cannot be published as they are (a control character), else None."""
+    for name in names:
+        found = _CONTROL.search(name)
+        if found:
+            return (f"a file name holds a control character (U+{ord(found.group()):04X}); "
+                    "rename the delivery's files")
+    return None
+
+
+def escaped(name: str) -> str:
+    """`name` with control characters written as escapes (`\\n`), for reports and ledgers."""
+    return name.encode("unicode_escape").decode("ascii") if _CONTROL.search(name) else name
+
+
 def date_of_folder(folder: str) -> date | None:
     """Date of the innermost `date=YYYY-MM-DD` folder of a path, if any."""
     # The innermost `date=` segment wins; an impossible date (2017-02-30) is ignored.
@@ -167,6 +187,14 @@ class InfoFile:
     total_line_count: int | None
     total_file_count: int | None
     file_name: str | None
+
+
+def info_order(entry: InfoEntry) -> tuple[bool, int, int, str]:
+    """Processing order of a control file's files: by FileSequenceNumber (optional in Adobe's
+    format); files without one after those with one, by the split number of their name."""
+    name = parse_outbound_name(entry.file_name)
+    return (entry.sequence is None, entry.sequence or 0, name.split if name else 0,
+            entry.file_name)
 
 
 def info_name(root: str) -> str:

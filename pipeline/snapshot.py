@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
+import shutil
 import tempfile
 from datetime import date
 
@@ -101,11 +103,21 @@ class Snapshots:
         root = getattr(self._store, "root", None)
         if root is not None:  # local store: read in place
             return os.path.join(root, path)
-        target = os.path.join(self.workdir, "snapshot", path)
-        os.makedirs(os.path.dirname(target), exist_ok=True)
+        # The local name is ours (a digest of the key): a key such as `../../x.parquet` never
+        # becomes a path on this host. Downloaded under a temporary name, renamed when whole:
+        # a failed download leaves nothing that a retry would take for the file.
+        name = hashlib.sha256(path.encode()).hexdigest()[:32] + ".parquet"
+        target = os.path.join(self.workdir, "snapshot", name)
         if not os.path.exists(target):
-            with open(target, "wb") as out:
-                out.write(self._store.read_bytes(path))
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            part = target + ".part"
+            try:
+                with self._store.open_read(path) as src, open(part, "wb") as out:
+                    shutil.copyfileobj(src, out, 8 << 20)
+                os.replace(part, target)
+            finally:
+                if os.path.exists(part):
+                    os.unlink(part)
         return target
 
     def close(self) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -129,3 +130,137 @@ def test_mixed_id_kinds(tmp_path):
     assert config.feeds[0].kinds == ("ecid", "email", "phone")
     with pytest.raises(ConfigError, match=r"feeds\.f\.id_kind: must be one of"):
         load_config(write(tmp_path, 'id_kind = ["email", "fax"]', DEST), {})
+
+
+# -- Limits and safety rules (README "Limits and safety rules") ------------------------------
+
+SEG = 'kind = "aam_inbound"\ntarget = "./out"\ndpid = 1\nsegments = {{ "{seg}" = {trait} }}'
+
+
+@pytest.mark.parametrize(("dest", "message"), [
+    (SEG.format(seg=2**32, trait=1), "destinations.d.segments: segment ID 4294967296 out of "
+                                     "range (1..4294967295)"),
+    (SEG.format(seg=1, trait=2**63), "destinations.d.segments.1: trait ID 9223372036854775808 "
+                                     "out of range (1..2147483647)"),
+    (SEG.format(seg=1, trait=2**31), "destinations.d.segments.1: trait ID 2147483648 out of "
+                                     "range (1..2147483647)"),
+    (SEG.format(seg=1, trait=1).replace("dpid = 1", "dpid = 12345678901234567890123"),
+     "destinations.d.dpid: 12345678901234567890123 out of range (1..2147483647)"),
+    (SEG.format(seg=1, trait=1) + '\naudiences = { "vip" = 2147483648 }',
+     "destinations.d.audiences.vip: trait ID 2147483648 out of range"),
+    ('kind = "campaign_list"\ntarget = "./out"\nsegments = [111, 4294967296]',
+     "destinations.d.segments: segment ID 4294967296 out of range (1..4294967295)"),
+])
+def test_id_ranges_are_checked_at_load(tmp_path, dest, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, FEED, dest), {"K": KEY})
+    assert message in str(info.value)
+
+
+def test_id_range_limits_are_accepted(tmp_path):
+    config = load_config(write(tmp_path, FEED, SEG.format(seg=2**32 - 1, trait=2**31 - 1)
+                               .replace("dpid = 1", f"dpid = {2**31 - 1}")), {"K": KEY})
+    assert config.destinations[0].traits == {2**32 - 1: 2**31 - 1}
+
+
+def test_id_ranges_exit_2_naming_the_key(tmp_path, capsys):
+    path = write(tmp_path, FEED, SEG.format(seg=2**32, trait=1))
+    assert main(["run", "--config", str(path)], env={"K": KEY}) == 2
+    assert capsys.readouterr().err.strip() == ("error: destinations.d.segments: segment ID "
+                                               "4294967296 out of range (1..4294967295)")
+
+
+@pytest.mark.parametrize("name", ["../../../escaped", "..", "a/b", ".hidden", "-x", "a..b",
+                                  "", "a b", "a\nb", "é", "x" * 101])
+@pytest.mark.parametrize("table", ["feeds", "destinations"])
+def test_names_are_plain_identifiers(tmp_path, table, name):
+    text = BASE.format(feed=FEED, dest=DEST)
+    old = 'name = "f"' if table == "feeds" else 'name = "d"'
+    text = text.replace(old, f"name = {json.dumps(name)}")
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text=text), {"K": KEY})
+    assert str(info.value).startswith(f"{table}[0].name: must be a plain name")
+
+
+@pytest.mark.parametrize("name", ["a", "aam-segments", "Feed_1.v2", "0", "x" * 100])
+def test_plain_names_are_accepted(tmp_path, name):
+    text = BASE.format(feed=FEED, dest=DEST).replace('name = "f"', f'name = "{name}"')
+    assert load_config(write(tmp_path, text=text), {"K": KEY}).feeds[0].name == name
+
+
+def test_escaping_names_write_nothing_outside(tmp_path, capsys):
+    """The probe: a feed and a destination named ../../../escaped are refused (exit 2)."""
+    work = tmp_path / "a" / "b" / "c"
+    work.mkdir(parents=True)
+    text = BASE.format(feed=FEED, dest=DEST).replace('name = "f"', 'name = "../../../escaped"')
+    assert main(["run", "--config", str(write(work, text=text))], env={"K": KEY}) == 2
+    assert "feeds[0].name: must be a plain name" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["a", "b", "c", "c.toml"]
+
+
+def _overlap(tmp_path, state="./state", source="./in", target="./out", target2=None):
+    text = BASE.format(feed=FEED, dest=DEST).replace('location = "./state"',
+                                                     f'location = "{state}"')
+    text = text.replace('source = "./in"', f'source = "{source}"')
+    text = text.replace('target = "./out"', f'target = "{target}"')
+    if target2 is not None:
+        text += ('[[destinations]]\nname = "d2"\nkind = "campaign_list"\n'
+                 f'target = "{target2}"\n')
+    return write(tmp_path, text=text)
+
+
+@pytest.mark.parametrize(("where", "message"), [
+    ({"target": "./in"}, "destinations.d.target: overlaps feeds.f.source"),
+    ({"target": "./in/out"}, "destinations.d.target: overlaps feeds.f.source"),
+    ({"target": "."}, "destinations.d.target: overlaps feeds.f.source"),
+    ({"target": "./in/../in/x/.."}, "destinations.d.target: overlaps feeds.f.source"),
+    ({"source": "s3://b/feed/", "target": "s3://b/feed/out"},
+     "destinations.d.target: overlaps feeds.f.source"),
+    ({"source": "s3://b/feed", "target": "s3://b"},
+     "destinations.d.target: overlaps feeds.f.source"),
+    ({"state": "./in/state"}, "state.location: overlaps feeds.f.source"),
+    ({"state": "./in"}, "state.location: overlaps feeds.f.source"),
+    ({"source": "s3://b/in", "state": "s3://b/in/state/"}, "state.location: overlaps feeds.f"),
+    ({"target": "./state/out"}, "destinations.d.target: overlaps state.location"),
+    ({"target2": "./out"}, "destinations.d2.target: overlaps destinations.d.target"),
+    ({"target2": "./out/campaign"}, "destinations.d2.target: overlaps destinations.d.target"),
+])
+def test_overlapping_locations_are_refused(tmp_path, where, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(_overlap(tmp_path, **where), {"K": KEY})
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize("where", [
+    {"target": "./input"},  # a name prefix is not a folder prefix
+    {"source": "s3://b/in", "target": "s3://b/inbound"},
+    {"source": "s3://b/in", "target": "s3://other/in"},
+    {"source": "s3://b/in", "target": "./in"},  # another scheme
+    {"target2": "./out2"},
+])
+def test_separate_locations_are_accepted(tmp_path, where):
+    load_config(_overlap(tmp_path, **where), {"K": KEY})
+
+
+def test_overlap_through_a_local_symlink_is_refused(tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "alias").symlink_to(tmp_path / "in")
+    with pytest.raises(ConfigError, match=r"destinations\.d\.target: overlaps feeds\.f\.source"):
+        load_config(_overlap(tmp_path, target="./alias/out"), {"K": KEY})
+
+
+def test_sftp_overlap_compares_host_port_and_path_not_user(tmp_path):
+    (tmp_path / "kh").write_text("")
+    (tmp_path / "id").write_text("")
+    creds = 'known_hosts = "kh"\nidentity_file = "id"\n'
+    text = BASE.format(feed=FEED + "\n" + creds, dest=DEST + "\n" + creds)
+    text = text.replace('source = "./in"', 'source = "sftp://aam@Host.example:2222/out/"')
+
+    def load(target: str) -> None:
+        load_config(write(tmp_path, text=text.replace('target = "./out"', f'target = "{target}"')),
+                    {"K": KEY})
+
+    with pytest.raises(ConfigError, match=r"destinations\.d\.target: overlaps feeds\.f\.source"):
+        load("sftp://other@host.example:2222/out/in")
+    load("sftp://aam@host.example:2223/out/in")  # another port: another server
+    load("sftp://aam@host.example:2222/outbound")

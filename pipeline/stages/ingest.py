@@ -19,8 +19,11 @@ from pipeline.formats import (
     InfoEntry,
     InfoFile,
     OutboundName,
+    control_char_problem,
+    escaped,
     group_deliveries,
     info_name,
+    info_order,
     parse_info,
     parse_outbound_name,
 )
@@ -86,6 +89,10 @@ def find_deliveries(store: Store, feed: str, require_info: bool = True) -> list[
 def _delivery(store: Store, feed: str, folder: str, root: str, files: list[OutboundName],
               sizes: dict[str, int], require_info: bool) -> Delivery:
     info_path = posixpath.join(folder, info_name(root))
+    unsafe = control_char_problem(folder, root, *(n.path for n in files))
+    if unsafe:  # never published under such a name; the report shows it escaped
+        listed = tuple(DeliveryFile(n, sizes[n.path]) for n in files)
+        return Delivery(feed, escaped(root), folder, listed, None, broken=unsafe)
     if info_path not in sizes:
         listed = tuple(DeliveryFile(n, sizes[n.path]) for n in files)
         problem = None if require_info is False and files else "control file missing"
@@ -97,7 +104,7 @@ def _delivery(store: Store, feed: str, folder: str, root: str, files: list[Outbo
         return Delivery(feed, root, folder, listed, None, broken=f"{info_path}: {exc}")
     by_base = {posixpath.basename(n.path): n for n in files}
     listed, problem = [], None
-    for entry in sorted(info.files, key=lambda e: e.sequence):
+    for entry in sorted(info.files, key=info_order):
         name = by_base.get(posixpath.basename(entry.file_name))
         if name is None:
             problem = problem or f"file {entry.file_name} listed in control file is missing"

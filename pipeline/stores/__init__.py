@@ -5,10 +5,14 @@ Paths given to a store are relative to its root and use '/' separators.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import BinaryIO, Protocol
 
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, FatalError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -24,6 +28,34 @@ class StoreOptions:
     known_hosts: str | None = None  # SFTP: known_hosts file; unknown hosts are refused
     identity_file: str | None = None  # SFTP: private key file
     sse: str | None = None  # S3: server-side encryption ("AES256" or "aws:kms")
+
+
+def plain_path(path: str) -> bool:
+    """A relative '/'-separated path without empty, '.' or '..' segments (or NUL): joined
+    onto a folder, it stays inside that folder."""
+    return bool(path) and "\0" not in path and all(
+        part not in ("", ".", "..") for part in path.split("/"))
+
+
+def checked(path: str) -> str:
+    """`path` (a leading '/' tolerated) if it is plain, else FatalError: no store operation
+    ever touches a path that could leave its root."""
+    rel = path.lstrip("/")
+    if not plain_path(rel):
+        raise FatalError(f"{path!r} is not a plain relative path; refused")
+    return rel
+
+
+def plain_entries(entries: Iterable[Entry], url: str) -> list[Entry]:
+    """Listing entries whose path is plain; the others are left out with a warning (an S3 key
+    or a server's file name is any string, `../../x` included)."""
+    kept, skipped = [], []
+    for entry in entries:
+        (kept if plain_path(entry.path) else skipped).append(entry)
+    if skipped:
+        log.warning("store=%s skipped=%d reason=not a plain relative path (empty, '.' or '..' "
+                    "segment) first=%r", url, len(skipped), skipped[0].path)
+    return kept
 
 
 class Store(Protocol):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 import shutil
@@ -10,7 +11,10 @@ from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import unquote, urlsplit
 
-from pipeline.stores import Entry, StoreOptions
+from pipeline.errors import FatalError
+from pipeline.stores import Entry, StoreOptions, checked
+
+log = logging.getLogger(__name__)
 
 
 def _is_temp(name: str) -> bool:
@@ -24,7 +28,14 @@ class LocalStore:
         self.root = Path(path).expanduser().absolute()
 
     def _path(self, path: str) -> Path:
-        return self.root / path.lstrip("/")
+        return self.root / checked(path) if path.strip("/") else self.root
+
+    def _inside(self, path: str) -> Path:
+        """The file to read; a link (or linked folder) leading out of the root is refused."""
+        full = self._path(path)
+        if not _within(full, self.root):
+            raise FatalError(f"{path}: a link that leaves the store root; refused")
+        return full
 
     def list(self, prefix: str = "") -> list[Entry]:
         """Files whose relative path starts with prefix (as on S3), temp files skipped."""
@@ -37,15 +48,22 @@ class LocalStore:
             dirs[:] = [d for d in dirs if _may_match(rel + d + "/", prefix)]
             for name in files:
                 path = rel + name
-                if path.startswith(prefix) and not _is_temp(name):
-                    entries.append(Entry(path, (Path(folder) / name).stat().st_size))
+                if not path.startswith(prefix) or _is_temp(name):
+                    continue
+                full = Path(folder) / name
+                if full.is_symlink() and not (full.exists() and _within(full, self.root)):
+                    # os.walk does not enter linked folders; linked files are checked here.
+                    log.warning("store=%s skipped=%r reason=a link that leaves the store root "
+                                "(or leads nowhere)", self.url, path)
+                    continue
+                entries.append(Entry(path, full.stat().st_size))
         return sorted(entries, key=lambda e: e.path)
 
     def open_read(self, path: str) -> BinaryIO:
-        return self._path(path).open("rb")
+        return self._inside(path).open("rb")
 
     def read_bytes(self, path: str) -> bytes:
-        return self._path(path).read_bytes()
+        return self._inside(path).read_bytes()
 
     def exists(self, path: str) -> bool:
         return self._path(path).is_file()
@@ -86,6 +104,11 @@ class LocalStore:
             temp.unlink(missing_ok=True)
             raise
         _fsync_dir(target.parent)
+
+
+def _within(path: Path, root: Path) -> bool:
+    """Whether `path`, links resolved, is `root` or below it."""
+    return path.resolve().is_relative_to(root.resolve())
 
 
 def _may_match(folder: str, prefix: str) -> bool:

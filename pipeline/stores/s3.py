@@ -20,7 +20,7 @@ from botocore.exceptions import (
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from pipeline.errors import FatalError, StoreUnavailable
-from pipeline.stores import Entry, StoreOptions
+from pipeline.stores import Entry, StoreOptions, checked, plain_entries
 
 MAX_ATTEMPTS = 4  # total attempts when AWS_MAX_ATTEMPTS / the AWS config file set none
 NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
@@ -46,19 +46,23 @@ class S3Store:
         self._client = boto3.session.Session(botocore_session=core).client("s3", config=config)
 
     def _key(self, path: str) -> str:
+        return self.prefix + checked(path)
+
+    def _raw_key(self, path: str) -> str:
+        """A listing prefix, or a path in a message: never an object to act on."""
         return self.prefix + path.lstrip("/")
 
     def list(self, prefix: str = "") -> list[Entry]:
         entries = []
         pages = self._client.get_paginator("list_objects_v2").paginate(
-            Bucket=self.bucket, Prefix=self._key(prefix)
+            Bucket=self.bucket, Prefix=self._raw_key(prefix)
         )
         with self._errors(prefix):
             for page in pages:
                 for obj in page.get("Contents", []):
                     if not obj["Key"].endswith("/"):  # folder markers made by consoles
                         entries.append(Entry(obj["Key"][len(self.prefix) :], obj["Size"]))
-        return sorted(entries, key=lambda e: e.path)
+        return sorted(plain_entries(entries, self.url), key=lambda e: e.path)
 
     def open_read(self, path: str) -> BinaryIO:
         with self._errors(path):
@@ -113,7 +117,7 @@ class S3Store:
         try:
             yield
         except (BotoCoreError, ClientError, S3UploadFailedError) as exc:
-            raise _mapped(exc, f"s3://{self.bucket}/{self._key(path)}") from exc
+            raise _mapped(exc, f"s3://{self.bucket}/{self._raw_key(path)}") from exc
 
 
 def _mapped(exc: Exception, where: str) -> Exception:

@@ -15,7 +15,7 @@ from urllib.parse import unquote, urlsplit
 import paramiko
 
 from pipeline.errors import ConfigError, FatalError, PipelineError, StoreUnavailable
-from pipeline.stores import Entry, StoreOptions
+from pipeline.stores import Entry, StoreOptions, checked
 
 log = logging.getLogger(__name__)
 TIMEOUT = 10  # seconds, for connect, banner and authentication
@@ -96,7 +96,7 @@ class SftpStore:
         return bool(transport and transport.is_active())
 
     def _full(self, path: str) -> str:
-        return posixpath.join(self.root, path.lstrip("/"))
+        return posixpath.join(self.root, checked(path)) if path.strip("/") else self.root
 
     def list(self, prefix: str = "") -> list[Entry]:
         """Files whose relative path starts with prefix (as on S3), temp files skipped."""
@@ -111,7 +111,9 @@ class SftpStore:
         for attr in attrs:
             path = f"{folder}/{attr.filename}" if folder else attr.filename
             mode = attr.st_mode or 0
-            if stat.S_ISDIR(mode) and (path.startswith(prefix) or prefix.startswith(path + "/")):
+            if "/" in attr.filename or attr.filename in ("", ".", ".."):  # a server's word
+                log.warning("store=%s skipped=%r reason=not a plain file name", self.url, path)
+            elif stat.S_ISDIR(mode) and (path.startswith(prefix) or prefix.startswith(path + "/")):
                 yield from self._walk(path, prefix)
             elif stat.S_ISREG(mode) and path.startswith(prefix) and not _is_temp(attr.filename):
                 yield Entry(path, attr.st_size or 0)
@@ -201,7 +203,7 @@ class SftpStore:
 
     @contextmanager
     def _errors(self, path: str) -> Iterator[None]:
-        where = f"sftp://{self._address}{self._full(path)}"
+        where = f"sftp://{self._address}{posixpath.join(self.root, path.lstrip('/'))}"
         try:
             yield
         except PipelineError:

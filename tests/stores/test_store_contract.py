@@ -150,6 +150,18 @@ class TestStoreContract:
 # Temp files: local and SFTP stores write them beside the target; S3 has none.
 
 
+    @pytest.mark.parametrize("path", ["../x", "a/../../x", "a/./b", "a//b", "a/.."])
+    def test_paths_that_are_not_plain_are_refused(self, store: Store, path: str) -> None:
+        """A path that could leave the root (on a folder-based store) never reaches the
+        backend, whichever store: callers get one behaviour."""
+        store.write_bytes("a.txt", b"a")
+        for call in (lambda: store.write_bytes(path, b"x"), lambda: store.read_bytes(path),
+                     lambda: store.exists(path), lambda: store.delete(path),
+                     lambda: store.open_read(path), lambda: store.rename("a.txt", path)):
+            with pytest.raises(FatalError, match="not a plain relative path"):
+                call()
+        assert len(raw_names(store)) == 1  # a.txt only
+
 @pytest.mark.parametrize("backend", ["local", "sftp"])
 def test_list_skips_temp_files(
     backend: str, tmp_path: Path, request: pytest.FixtureRequest
@@ -323,3 +335,44 @@ def test_sftp_bad_client_key_or_missing_files_are_refused(
         open_store(sftp_server.url, StoreOptions(known, str(tmp_path / "missing")))
     with pytest.raises(ConfigError, match="known_hosts"):
         open_store(sftp_server.url, StoreOptions(str(tmp_path / "missing"), str(other_key)))
+
+
+def test_s3_listing_skips_keys_that_are_not_plain_paths(
+    make_bucket: Callable[[], str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """S3 keys are opaque strings: `feeds/../../x` is a key, but a local copy named after it
+    would land outside its folder. Listings leave such keys out, saying so."""
+    bucket = make_bucket()
+    client = boto3.client("s3")
+    for key in ["feeds/ok.txt", "feeds/../../x.parquet", "feeds/a//b.txt", "feeds/./c.txt",
+                "feeds/d/.."]:
+        client.put_object(Bucket=bucket, Key=key, Body=b"data")
+    keys = {o["Key"] for o in client.list_objects_v2(Bucket=bucket)["Contents"]}
+    assert "feeds/../../x.parquet" in keys  # the server kept the key as it is
+    store = open_store(f"s3://{bucket}/feeds")
+    with caplog.at_level(logging.WARNING):
+        assert store.list() == [Entry("ok.txt", 4)]
+    assert "skipped=4" in caplog.text and "not a plain relative path" in caplog.text
+    store.close()
+
+
+def test_local_listing_and_reads_refuse_links_leaving_the_root(tmp_path: Path) -> None:
+    outside = tmp_path / "secret.txt"
+    outside.write_bytes(b"secret")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "f.txt").write_bytes(b"other")
+    root = tmp_path / "root"
+    (root / "sub").mkdir(parents=True)
+    (root / "ok.txt").write_bytes(b"ok")
+    (root / "sub" / "inside.txt").symlink_to(root / "ok.txt")  # stays inside: kept
+    (root / "leak.sync").symlink_to(outside)
+    (root / "sub" / "up.sync").symlink_to("../../secret.txt")
+    (root / "dirlink").symlink_to(tmp_path / "elsewhere")
+    store = open_store(str(root))
+    assert store.list() == [Entry("ok.txt", 2), Entry("sub/inside.txt", 2)]
+    for path in ("leak.sync", "sub/up.sync", "dirlink/f.txt"):
+        with pytest.raises(FatalError, match="leaves the store"):
+            store.read_bytes(path)
+        with pytest.raises(FatalError, match="leaves the store"):
+            store.open_read(path)
+    assert store.read_bytes("sub/inside.txt") == b"ok"

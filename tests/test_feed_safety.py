@@ -1,0 +1,76 @@
+"""Feed discovery on hostile or unusual input: control files without sequence numbers,
+control characters in file names, links leaving the feed folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pipeline.stages.ingest import find_deliveries
+from pipeline.stores import open_store
+from tests.factories import delivery_files, write_snapshot
+from tests.test_runs import PROFILES, ROOT1, ROOT2, config, outputs, put, run_json
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> Path:
+    write_snapshot(tmp_path / "profiles" / "snap.parquet", PROFILES)
+    return tmp_path
+
+
+def test_info_without_sequence_numbers_orders_files_by_split_number(env, capsys):
+    """FileSequenceNumber is optional: files are then taken in the split order of their
+    names (2 before 10), whatever order the control file lists them in."""
+    splits = [["alice@example.com 111"]] * 9 + [["alice@example.com  111"]]  # 10th removes
+    files = put(env, ROOT1, splits)
+    info = json.loads(files[f"{ROOT1}.info"])
+    for entry in info["Files"]:
+        del entry["FileSequenceNumber"]
+    info["Files"].reverse()
+    (env / "in" / f"{ROOT1}.info").write_text(json.dumps(info))
+
+    (delivery,) = find_deliveries(open_store(str(env / "in")), "emails")
+    assert delivery.complete
+    assert [f.name.split for f in delivery.files] == list(range(1, 11))
+    code, report = run_json(config(env), capsys=capsys)
+    assert code == 0 and report["deliveries"][0]["status"] == "processed"
+    csv = (env / "out/campaign/emails" / f"{ROOT1}.csv").read_text()
+    assert "P1,111,remove" in csv  # split 10 came last
+
+
+@pytest.mark.parametrize("char", ["\n", "\r", "\t", "\x1b", "\u2028"])
+def test_control_characters_in_file_names_fail_only_that_delivery(env, capsys, char):
+    put(env, ROOT1)
+    bad_root = ROOT2.replace("_iter_", f"_it{char}er_")
+    for name, data in delivery_files(bad_root, [["bob@example.com 111"]]).items():
+        (env / "in" / name).write_bytes(data)
+    code, report = run_json(config(env), capsys=capsys)
+    assert code == 3
+    by_status = {d["status"]: d for d in report["deliveries"]}
+    assert set(by_status) == {"processed", "failed"}
+    failed = by_status["failed"]
+    assert "control character" in failed["reason"] and failed["outputs"] == []
+    assert char not in failed["delivery"]  # shown escaped, in the report and the ledger
+    assert not any(char in name for name in outputs(env))
+    state = [p.name for p in (env / "state").rglob("*")]
+    assert not any(char in name for name in state)
+
+
+def test_links_leaving_the_feed_folder_are_not_followed(env, capsys):
+    put(env, ROOT1)
+    secret = delivery_files(ROOT2, [["carol@example.com 113"]])
+    (env / "elsewhere").mkdir()
+    for name, data in secret.items():
+        if name.endswith(".info"):
+            (env / "in" / name).write_bytes(data)
+        else:  # the data file is a link to a file outside the feed
+            (env / "elsewhere" / name).write_bytes(data)
+            (env / "in" / name).symlink_to(env / "elsewhere" / name)
+    code, report = run_json(config(env), capsys=capsys)
+    (second,) = [d for d in report["deliveries"] if d["delivery"] == ROOT2]
+    assert second["status"] == "incomplete"
+    assert "missing" in second["reason"]
+    assert not any(ROOT2 in name for name in outputs(env))
+    assert "P3,113" not in "".join(p.read_text() for p in (env / "out").rglob("*.csv"))
