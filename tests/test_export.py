@@ -429,6 +429,23 @@ def test_unmapped_audience_is_refused_before_anything_is_published(tmp_path, req
     assert setup.outputs()[f"crm/{inbound(DAY2, 888)}"] == golden("export_day2_profile_id.sync")
 
 
+def test_export_files_without_a_date_or_with_control_characters_fail(tmp_path, request,
+                                                                      capsys):
+    """Neither lands in date=1970-01-01 nor under a name with a line break."""
+    setup = Setup(tmp_path, request, "local")
+    setup.drop(DAY1)
+    setup.drop(DAY2, name="campaign_audiences.csv")  # no date in the name nor a date= folder
+    setup.drop(DAY2, name=f"campaign\naudiences_{DAY2}.csv")
+    code, report = setup.run(capsys=capsys)
+    assert code == 3
+    by_root = {d["delivery"]: d for d in report["deliveries"]}
+    undated, broken = by_root["campaign_audiences"], by_root[f"campaign\\naudiences_{DAY2}"]
+    assert undated["status"] == "failed" and "no date" in undated["reason"]
+    assert broken["status"] == "failed" and "control character" in broken["reason"]
+    assert by_root[f"campaign_audiences_{DAY1}"]["status"] == "processed"
+    assert setup.outputs() and all(str(DAY1) in name for name in setup.outputs())
+    assert not any("\n" in p.name for p in (tmp_path / "state").rglob("*"))
+
 def test_too_many_bad_rows_fail_the_file_and_quarantine_them(tmp_path, request, capsys):
     setup = Setup(tmp_path, request, "local")
     setup.drop(DAY1, [(VIP, "P1"), (VIP, ""), ("", "P2")])
