@@ -618,8 +618,11 @@ def write_inbound(con: duckdb.DuckDBPyConnection, dest: Dest, d: Delivery) -> tu
         per = dest.max_lines_per_file
         splits = range(0, lines, per)
         files = {}
+        # Split slot: 6 digits from sha256("<feed>/<root>") (100000-999999), then the part.
+        digest = hashlib.sha256(f"{d.feed.name}/{d.root}".encode()).digest()
+        tag = 100_000 + int.from_bytes(digest[:8], "big") % 900_000
         for n, start in enumerate(splits, start=1):
-            name = f"ftp_dpm_{dest.dpid}_{ts}.sync" + (f".{n}" if len(splits) > 1 else "")
+            name = f"ftp_dpm_{dest.dpid}_{ts}.sync.{tag * 1000 + n}"
             name += ".gz" if dest.gzip else ""
             final = dest.target / folder / name
             tmp = final.with_name(f".{name}.tmp")

@@ -98,7 +98,7 @@ def test_delivery_flows_to_golden_outputs(where, request, tmp_path, make_bucket,
     }
     campaign = tmp_path / "out/campaign/emails" / f"{ROOT}.csv"
     assert campaign.read_text() == (GOLDEN / "e2e_campaign.csv").read_text()
-    key = "acme/date=2017-02-03/ftp_dpm_12345_1486140844.sync.gz"
+    key = "acme/date=2017-02-03/ftp_dpm_12345_1486140844.sync.712060001.gz"
     body = boto3.client("s3").get_object(Bucket=inbound_bucket, Key=key)["Body"].read()
     assert gzip.decompress(body).decode() == (GOLDEN / "e2e_inbound.sync").read_text()
     quarantine = (tmp_path / "state/quarantine/emails" / f"{ROOT}.csv").read_text().splitlines()

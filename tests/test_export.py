@@ -338,7 +338,8 @@ audiences = {{ "{VIP}" = 5001, "{CHURN}" = 5002 }}
 
 def inbound(day: int, dpid: int) -> str:
     folder = {DAY1: "2024-03-01", DAY2: "2024-03-02", DAY3: "2024-03-03"}[day]
-    return f"date={folder}/ftp_dpm_{dpid}_{day}.sync"
+    tag = {DAY1: 220737, DAY2: 423197, DAY3: 127843}[day]  # of campaign/campaign_audiences_<day>
+    return f"date={folder}/ftp_dpm_{dpid}_{day}.sync.{tag}001"
 
 
 def golden(name: str) -> bytes:
@@ -445,6 +446,25 @@ def test_export_files_without_a_date_or_with_control_characters_fail(tmp_path, r
     assert by_root[f"campaign_audiences_{DAY1}"]["status"] == "processed"
     assert setup.outputs() and all(str(DAY1) in name for name in setup.outputs())
     assert not any("\n" in p.name for p in (tmp_path / "state").rglob("*"))
+
+def test_a_name_taken_by_another_delivery_fails_the_export_and_publishes_nothing(
+        tmp_path, request, capsys):
+    """The same check as for AAM deliveries (publish.publish_outputs), every destination
+    checked before the first file is written."""
+    setup = Setup(tmp_path, request, "local")
+    setup.drop(DAY1)
+    assert setup.run(capsys=capsys)[0] == 0
+    name, out = inbound(DAY1, 888), tmp_path / "out"
+    (out / "crm/_manifests/campaign" / f"campaign_audiences_{DAY1}.json").unlink()
+    (out / "crm" / name).write_bytes(b"X9\td_sid=5001\n")  # someone else's file
+    (out / "ec" / inbound(DAY1, 777)).unlink()
+    code, report = setup.run("--force", capsys=capsys)
+    (rep,) = report["deliveries"]
+    assert code == 1 and rep["status"] == "failed"
+    assert rep["reason"] == (f"destinations.crm: {name} already holds another delivery's "
+                             "output; nothing published")
+    assert (out / "crm" / name).read_bytes() == b"X9\td_sid=5001\n"
+    assert not (out / "ec" / inbound(DAY1, 777)).exists()
 
 def test_too_many_bad_rows_fail_the_file_and_quarantine_them(tmp_path, request, capsys):
     setup = Setup(tmp_path, request, "local")

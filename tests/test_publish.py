@@ -11,12 +11,14 @@ import polars as pl
 import pytest
 
 from pipeline.config import DestinationConfig, Location
-from pipeline.errors import SchemaError
+from pipeline.errors import DeliveryFailed, SchemaError
 from pipeline.stages.publish import CampaignListWriter, DeliveryKey, InboundWriter
 from pipeline.tables import check_output, check_rows
 
 TS = 1764000001  # 2025-11-24
 GOLDEN = Path(__file__).parent / "golden"
+KEY = DeliveryKey("emails", "ftp_1234_5678_iter_1764000001000", TS)
+TAG = 914875  # KEY.tag: pinned, as names must not change between releases
 
 
 def dest(max_lines: int, gz: bool = True) -> DestinationConfig:
@@ -40,14 +42,14 @@ def _compress_threads() -> int:
 
 @pytest.mark.parametrize("gz", [True, False])
 def test_split_across_calls(tmp_path: Path, gz: bool) -> None:
-    writer = InboundWriter(dest(4, gz), TS, tmp_path)
+    writer = InboundWriter(dest(4, gz), KEY, tmp_path)
     for first, count in [(0, 3), (3, 3), (6, 1), (7, 5)]:  # 12 lines: crosses 4-line files
         writer.add_rows(rows(first, count))
     writer.add_rows(rows(99, 0))
     out = writer.finish()
     suffix = ".gz" if gz else ""
     assert [p for p, _ in out.files] == [
-        f"date=2025-11-24/ftp_dpm_7_{TS}.sync.{n}{suffix}" for n in (1, 2, 3)]
+        f"date=2025-11-24/ftp_dpm_7_{TS}.sync.{TAG}00{n}{suffix}" for n in (1, 2, 3)]
     got = [lines(local, gz) for _, local in out.files]
     assert [len(g) for g in got] == [4, 4, 4]
     assert sum(got, []) == [f"id{n:04d}\td_sid=11" for n in range(12)]
@@ -55,26 +57,26 @@ def test_split_across_calls(tmp_path: Path, gz: bool) -> None:
     assert _compress_threads() == 0
 
 
-def test_one_file_keeps_the_unsplit_name_and_same_bytes_as_one_call(tmp_path: Path) -> None:
-    many = InboundWriter(dest(100), TS, tmp_path / "many")
+def test_one_file_has_the_same_name_and_bytes_as_one_call(tmp_path: Path) -> None:
+    many = InboundWriter(dest(100), KEY, tmp_path / "many")
     for first in range(0, 30, 7):
         many.add_rows(rows(first, min(7, 30 - first)))
-    one = InboundWriter(dest(100), TS, tmp_path / "one")
+    one = InboundWriter(dest(100), KEY, tmp_path / "one")
     one.add_rows(rows(0, 30))
     (path_a, local_a), = many.finish().files
     (path_b, local_b), = one.finish().files
-    assert path_a == path_b == f"date=2025-11-24/ftp_dpm_7_{TS}.sync.gz"
+    assert path_a == path_b == f"date=2025-11-24/ftp_dpm_7_{TS}.sync.{TAG}001.gz"
     assert lines(local_a, True) == lines(local_b, True)
     assert gzip.decompress(local_a.read_bytes()) == gzip.decompress(local_b.read_bytes())
 
 
 def test_no_rows_no_files(tmp_path: Path) -> None:
-    out = InboundWriter(dest(10), TS, tmp_path).finish()
+    out = InboundWriter(dest(10), KEY, tmp_path).finish()
     assert out.files == [] and out.rows == 0
 
 
 def test_close_after_a_failure_stops_the_thread(tmp_path: Path) -> None:
-    writer = InboundWriter(dest(10), TS, tmp_path)
+    writer = InboundWriter(dest(10), KEY, tmp_path)
     writer.add_rows(rows(0, 5))
     with pytest.raises(ValueError, match="DPUUID"):
         writer.add_rows(pl.DataFrame({"dpuuid": [""], "trait_id": [11], "action": ["add"]}))
@@ -123,3 +125,24 @@ def test_campaign_list_schema_refuses_other_columns(columns: dict[str, pl.DataTy
                                                     message: str) -> None:
     with pytest.raises(SchemaError, match=message):
         check_output(pl.Schema(columns), "campaign_list", "campaign list x.csv")
+
+
+def test_delivery_tags_are_stable_six_digit_and_per_feed_and_root() -> None:
+    assert KEY.tag == TAG
+    assert DeliveryKey("emails", "ftp_1234_5678_iter_1486140844000", 0).tag == 712060
+    tags = {DeliveryKey(feed, f"root{n}", 0).tag for feed in ("a", "b") for n in range(500)}
+    assert len(tags) > 990 and all(100_000 <= t <= 999_999 for t in tags)
+    assert DeliveryKey("a", "r", 1).tag == DeliveryKey("a", "r", 2).tag  # not from the time
+
+
+def test_a_delivery_without_a_date_gets_no_inbound_file(tmp_path: Path) -> None:
+    with pytest.raises(DeliveryFailed, match="no date"):
+        InboundWriter(dest(10), DeliveryKey("emails", "undated", None), tmp_path)
+    assert _compress_threads() == 0
+
+
+def test_more_parts_than_the_split_slot_holds_fail(tmp_path: Path) -> None:
+    writer = InboundWriter(dest(1), KEY, tmp_path)
+    writer.add_rows(rows(0, 1000))
+    with pytest.raises(DeliveryFailed, match="1000 files for one delivery, at most 999"):
+        writer.finish()

@@ -242,11 +242,11 @@ def test_mixed_delivery_every_count_and_output(snapshot, make_bucket, capsys):
     assert campaign.read_text() == (GOLDEN / "resolution_campaign.csv").read_text()
     campaign_111 = tmp / "out/campaign-111/mixed" / f"{ROOT}.csv"
     assert campaign_111.read_text() == (GOLDEN / "resolution_campaign_111.csv").read_text()
-    inbound = tmp / "out/aam/date=2017-02-03/ftp_dpm_12345_1486140844.sync"
+    inbound = tmp / "out/aam/date=2017-02-03/ftp_dpm_12345_1486140844.sync.267844001"
     assert inbound.read_text() == (GOLDEN / "resolution_inbound.sync").read_text()
     assert published(tmp) == [
         "aam/_manifests/mixed/ftp_1234_5678_iter_1486140844000.json",
-        "aam/date=2017-02-03/ftp_dpm_12345_1486140844.sync",
+        "aam/date=2017-02-03/ftp_dpm_12345_1486140844.sync.267844001",
         "campaign-111/_manifests/mixed/ftp_1234_5678_iter_1486140844000.json",
         "campaign-111/mixed/ftp_1234_5678_iter_1486140844000.csv",
         "campaign/_manifests/mixed/ftp_1234_5678_iter_1486140844000.json",

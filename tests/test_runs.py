@@ -259,7 +259,8 @@ def test_inbound_split_files_and_gzip_are_deterministic(env, capsys):
     cfg.write_text(cfg.read_text().replace("gzip = true", "gzip = true\nmax_lines_per_file = 2"))
     run_json(cfg, capsys=capsys)
     names = sorted(p.name for p in (env / "out/ec/date=2017-02-03").iterdir())
-    assert names == ["ftp_dpm_7_1486140844.sync.1.gz", "ftp_dpm_7_1486140844.sync.2.gz"]
+    assert names == ["ftp_dpm_7_1486140844.sync.712060001.gz",
+                     "ftp_dpm_7_1486140844.sync.712060002.gz"]
     texts = [gzip.decompress((env / "out/ec/date=2017-02-03" / n).read_bytes()).decode()
              for n in names]
     assert [t.count("\n") for t in texts] == [2, 1]

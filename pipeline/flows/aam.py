@@ -113,20 +113,19 @@ def process_delivery(ctx: Context, feed: FeedConfig, source: Store, delivery: De
     key = publish.DeliveryKey(feed.name, delivery.root,
                               publish.timestamp_seconds(delivery.timestamp_ms, rep.date))
     outputs = build(ctx, plan, profiles, key)
-    for dest in ctx.config.destinations:
-        out = outputs.get(dest.name)
-        if out is None:
-            continue
+    dests = [d for d in ctx.config.destinations if d.name in outputs]
+    for dest in dests:
+        out = outputs[dest.name]
         rep.rows_written[dest.name] = out.rows
         if out.unmapped_segments:
             rep.unmapped_segments[dest.name] = out.unmapped_segments
         if out.missing_id:
             rep.missing_ids[dest.name] = out.missing_id
-        if ctx.options.dry_run:
-            rep.outputs += [f"{dest.name}:{p}" for p, _ in out.files]
-        else:
-            written = publish.write_outputs(ctx.targets[dest.name], dest, key, out)
-            rep.outputs += [f"{dest.name}:{p}" for p in written]
+    if ctx.options.dry_run:
+        written = {d.name: [p for p, _ in outputs[d.name].files] for d in dests}
+    else:
+        written = publish.publish_outputs(ctx.targets, dests, key, outputs)
+    rep.outputs += [f"{name}:{p}" for name, paths in written.items() for p in paths]
     spill.clear()
 
 
@@ -176,7 +175,7 @@ def build(ctx: Context, plan: Plan, profiles, key: publish.DeliveryKey
         if dest.kind == "campaign_list":
             audience_writers[dest.name] = publish.CampaignListWriter(dest, key, workdir)
         elif dest.kind == "aam_inbound" and dest.traits:  # audiences-only: export feeds
-            audience_writers[dest.name] = publish.InboundWriter(dest, key.timestamp_s, workdir)
+            audience_writers[dest.name] = publish.InboundWriter(dest, key, workdir)
         elif dest.kind == "no_profile_contacts":
             contact_writers[dest.name] = publish.ContactsWriter(dest, key, workdir)
     writers = {**audience_writers, **contact_writers}

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import logging
 from dataclasses import dataclass
 
@@ -122,8 +121,8 @@ def _process_file(ctx: Context, feed: FeedConfig, f: ExportFile, data: bytes,
         rep.reason = (f"older than the export already applied for {newer} audience(s); "
                       "not applied (diffs apply oldest first)")
         return
-    plan = _plan(ctx, f, resolved, dests, states, heads, audiences)
     key = publish.DeliveryKey(feed.name, f.root, f.timestamp_s)
+    plan = _plan(ctx, f, key, resolved, dests, states, heads, audiences)
     for dest in dests:
         out = plan.outputs[dest.name]
         rep.rows_written[dest.name] = out.rows
@@ -153,9 +152,9 @@ def _superseded(heads: dict[str, dict[str, Head]], f: ExportFile) -> int:
                if head.current is not None and head.current.order > f.sort_key)
 
 
-def _plan(ctx: Context, f: ExportFile, resolved: pl.DataFrame, dests: list[DestinationConfig],
-          states: dict[str, MembershipState], heads: dict[str, dict[str, Head]],
-          audiences: list[str]) -> _Plan:
+def _plan(ctx: Context, f: ExportFile, key: publish.DeliveryKey, resolved: pl.DataFrame,
+          dests: list[DestinationConfig], states: dict[str, MembershipState],
+          heads: dict[str, dict[str, Head]], audiences: list[str]) -> _Plan:
     plan = _Plan({}, {}, audiences, {})
     for dest in dests:
         new, missing = members(resolved.lazy(), dest)
@@ -169,8 +168,7 @@ def _plan(ctx: Context, f: ExportFile, resolved: pl.DataFrame, dests: list[Desti
                                 base.trait_id if base else None, dest.audiences[audience],
                                 ctx.options.full))
         rows = pl.concat(changes)
-        plan.outputs[dest.name] = publish.inbound_files_for(rows, dest, f.timestamp_s,
-                                                             ctx.workdir)
+        plan.outputs[dest.name] = publish.inbound_files_for(rows, dest, key, ctx.workdir)
         plan.missing_ids[dest.name] = resolved.lazy().select(missing).collect().item()
         log.info("destination=%s export=%s members=%d changes=%d missing_dpuuid=%d",
                  dest.name, f.root, sum(m.height for m in now.values()), rows.height,
@@ -180,26 +178,8 @@ def _plan(ctx: Context, f: ExportFile, resolved: pl.DataFrame, dests: list[Desti
 
 def _publish(ctx: Context, dests: list[DestinationConfig], key: publish.DeliveryKey,
              plan: _Plan, rep: DeliveryReport) -> None:
-    for dest in dests:  # every name is checked before the first file is written
-        _check_names(ctx.targets[dest.name], dest, key, plan.outputs[dest.name])
-    for dest in dests:
-        written = publish.write_outputs(ctx.targets[dest.name], dest, key,
-                                        plan.outputs[dest.name])
-        rep.outputs += [f"{dest.name}:{p}" for p in written]
-
-
-def _check_names(store: Store, dest: DestinationConfig, key: publish.DeliveryKey,
-                 out: publish.Output) -> None:
-    """Names are unique per (destination, delivery): refuse to replace another delivery's
-    file. Our own files (in our manifest, or left whole by a crash before the manifest and
-    so byte-identical) may be rewritten."""
-    manifest = publish.manifest_path(key)
-    own = set(json.loads(store.read_bytes(manifest)).get("files", {})) \
-        if store.exists(manifest) else set()
-    for path, data in out.files:
-        if path not in own and store.exists(path) and store.read_bytes(path) != data:
-            raise DeliveryFailed(f"destinations.{dest.name}: {path} already holds another "
-                                 "delivery's output; nothing published")
+    written = publish.publish_outputs(ctx.targets, dests, key, plan.outputs)
+    rep.outputs += [f"{name}:{p}" for name, paths in written.items() for p in paths]
 
 
 def _save_state(states: dict[str, MembershipState], f: ExportFile,

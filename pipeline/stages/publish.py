@@ -1,9 +1,10 @@
 """Publish: build each destination's files for a delivery and write them atomically.
 
 Writers take the audience bucket by bucket and spool to local files, so output size does not
-bound memory. Names come from the delivery (root, timestamp), never the wall clock, so a
-rerun writes the same names with the same bytes. A manifest per (destination, delivery) is
-written last.
+bound memory. Names come from the delivery (feed, root, timestamp), never the wall clock, so
+a rerun writes the same names with the same bytes, and two deliveries never share a name
+(`publish_outputs` refuses to replace another delivery's file). A manifest per (destination,
+delivery) is written last.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import io
 import json
 import logging
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ import polars as pl
 import pyarrow.parquet as pq
 
 from pipeline.config import DestinationConfig
+from pipeline.errors import DeliveryFailed
 from pipeline.formats import inbound_file_name, inbound_folder, inbound_lines
 from pipeline.stores import Store
 from pipeline.tables import check_output
@@ -34,6 +36,7 @@ log = logging.getLogger(__name__)
 DPUUID_COLUMN = {"email_sha256": "email_key", "profile_id": "profile_id",
                  "crm_id": "crm_id", "ecid": "ecid"}
 _COPY = 8 << 20
+PARTS = 1000  # the split slot of an inbound name is <delivery tag><part, 3 digits>
 
 
 @dataclass(frozen=True)
@@ -42,7 +45,15 @@ class DeliveryKey:
 
     feed: str
     root: str
-    timestamp_s: int  # delivery timestamp (UNIX seconds)
+    timestamp_s: int | None  # delivery timestamp (UNIX seconds); None: the delivery has no date
+
+    @property
+    def tag(self) -> int:
+        """Six digits (100000-999999) from the feed and root: the delivery's part of the split
+        slot of its AAM inbound names, so deliveries of one second (or undated ones of one
+        `date=` folder) get distinct names. A clash of tags is caught by `publish_outputs`."""
+        digest = hashlib.sha256(f"{self.feed}/{self.root}".encode()).digest()
+        return 100_000 + int.from_bytes(digest[:8], "big") % 900_000
 
 
 @dataclass
@@ -114,8 +125,11 @@ class InboundWriter:
     whether there is one file or several, so only then are the AAM names given.
     """
 
-    def __init__(self, dest: DestinationConfig, timestamp_s: int, workdir: Path) -> None:
-        self.dest, self.ts = dest, timestamp_s
+    def __init__(self, dest: DestinationConfig, key: DeliveryKey, workdir: Path) -> None:
+        if key.timestamp_s is None:
+            raise DeliveryFailed("no date: neither a TIMESTAMP in the name nor a date= folder "
+                                 f"(destinations.{dest.name} files AAM inbound files by date)")
+        self.dest, self.key, self.ts = dest, key, key.timestamp_s
         workdir.mkdir(parents=True, exist_ok=True)
         self.workdir = Path(tempfile.mkdtemp(prefix=f"{dest.name}-", dir=workdir))
         self.lines = 0
@@ -152,9 +166,12 @@ class InboundWriter:
 
     def finish(self) -> Output:
         parts = self._parts.close()
+        if len(parts) >= PARTS:
+            raise DeliveryFailed(f"destinations.{self.dest.name}: {len(parts)} files for one "
+                                 f"delivery, at most {PARTS - 1}; raise max_lines_per_file")
         folder = inbound_folder(self.ts)
         for n, local in enumerate(parts, start=1):
-            name = inbound_file_name(self.dest.dpid, self.ts, n if len(parts) > 1 else None,
+            name = inbound_file_name(self.dest.dpid, self.ts, self.key.tag * PARTS + n,
                                      self.dest.gzip)
             self.out.files.append((f"{folder}/{name}", local))
         return self.out
@@ -250,14 +267,35 @@ class ContactsWriter:
         """Nothing stays open between `add` calls."""
 
 
-def inbound_files_for(rows: pl.DataFrame, dest: DestinationConfig, timestamp_s: int,
+def inbound_files_for(rows: pl.DataFrame, dest: DestinationConfig, key: DeliveryKey,
                       workdir: Path) -> Output:
     """AAM inbound files, as bytes, from ready (dpuuid, trait_id, action) rows (export)."""
-    writer = InboundWriter(dest, timestamp_s, workdir)
+    writer = InboundWriter(dest, key, workdir)
     writer.add_rows(rows)
     out = writer.finish()
     out.files = [(p, _read(d)) for p, d in out.files]
     return out
+
+
+def publish_outputs(targets: Mapping[str, Store], dests: list[DestinationConfig],
+                    key: DeliveryKey, outputs: Mapping[str, Output]) -> dict[str, list[str]]:
+    """Every destination's files of one delivery (both flows): all names are checked before
+    the first file is written, so a clash publishes nothing anywhere."""
+    for dest in dests:
+        check_names(targets[dest.name], dest, key, outputs[dest.name])
+    return {dest.name: write_outputs(targets[dest.name], dest, key, outputs[dest.name])
+            for dest in dests}
+
+
+def check_names(store: Store, dest: DestinationConfig, key: DeliveryKey, out: Output) -> None:
+    """Names are unique per (destination, delivery): refuse to replace another delivery's
+    file. Our own files (in our manifest, or left whole by a crash before the manifest and
+    so byte-identical) may be rewritten."""
+    own = set(_previous_files(store, manifest_path(key)))
+    for path, data in out.files:
+        if path not in own and store.exists(path) and _stored_md5(store, path) != _md5(data):
+            raise DeliveryFailed(f"destinations.{dest.name}: {path} already holds another "
+                                 "delivery's output; nothing published")
 
 
 def write_outputs(store: Store, dest: DestinationConfig, key: DeliveryKey,
@@ -323,14 +361,24 @@ def _md5(data: bytes | Path) -> str:
     return digest.hexdigest()
 
 
+def _stored_md5(store: Store, path: str) -> str:
+    digest = hashlib.md5()  # noqa: S324 - compares two copies, not security
+    with store.open_read(path) as stream:
+        while block := stream.read(_COPY):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def _read(data: bytes | Path) -> bytes:
     return data.read_bytes() if isinstance(data, Path) else data
 
 
-def timestamp_seconds(timestamp_ms: int | None, day: str | None) -> int:
+def timestamp_seconds(timestamp_ms: int | None, day: str | None) -> int | None:
+    """TIMESTAMP of a delivery's outputs: its own, else midnight of its date; None without
+    either (never 0: outputs would be filed under date=1970-01-01)."""
     if timestamp_ms is not None:
         return timestamp_ms // 1000
     if day:
         return int(datetime.fromisoformat(day).replace(tzinfo=UTC).timestamp())
-    return 0
+    return None
 
