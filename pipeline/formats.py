@@ -54,13 +54,17 @@ class OutboundName:
 
 
 # C0 and C1 controls and Unicode line/paragraph separators: a line break in a file name would
-# split CSV cells, manifests and log lines downstream.
+# split CSV cells, manifests and log lines downstream. Surrogates are how Python holds the
+# bytes of a file name that is not UTF-8: such a name cannot be written to JSON or S3.
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_UNDECODED = re.compile("[\ud800-\udfff]")
 
 
-def control_char_problem(*names: str) -> str | None:
-    """Why these names cannot be published as they are (a control character), else None."""
+def file_name_problem(*names: str) -> str | None:
+    """Why these names cannot be published as they are, else None."""
     for name in names:
+        if _UNDECODED.search(name):
+            return "a file name is not valid UTF-8; rename the delivery's files"
         found = _CONTROL.search(name)
         if found:
             return (f"a file name holds a control character (U+{ord(found.group()):04X}); "
@@ -70,7 +74,9 @@ def control_char_problem(*names: str) -> str | None:
 
 def escaped(name: str) -> str:
     """`name` with control characters written as escapes (`\\n`), for reports and ledgers."""
-    return name.encode("unicode_escape").decode("ascii") if _CONTROL.search(name) else name
+    if _CONTROL.search(name) or _UNDECODED.search(name):
+        return name.encode("unicode_escape").decode("ascii")
+    return name
 
 
 def date_of_folder(folder: str) -> date | None:

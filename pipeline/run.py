@@ -79,8 +79,7 @@ def execute(config: Config, options: RunOptions, now: datetime | None = None,
         if not options.dry_run:
             ctx.ledger.check_writable(run_id)
         for feed in config.feeds:
-            source = _keep(stores, open_store(feed.source.url, feed.source.options))
-            for result in run_feed(ctx, flow_for(ctx, feed, source)):
+            for result in guarded_feed(ctx, feed, stores):
                 report.deliveries.append(result)
                 if on_delivery:
                     on_delivery(result)
@@ -95,10 +94,31 @@ def execute(config: Config, options: RunOptions, now: datetime | None = None,
     return report
 
 
-def run_feed(ctx: Context, flow: Flow) -> Iterator[DeliveryReport]:
-    """The feed's selected units, oldest first, each processed (or skipped) and recorded."""
-    for unit in flow.units():
+def guarded_feed(ctx: Context, feed: FeedConfig, stores: list[Any]
+                 ) -> Iterator[DeliveryReport]:
+    """One feed's reports. Opening its store and listing its units belong to the feed: when
+    either fails, the feed gets one failed entry (delivery `*`) with a one-line reason, and
+    the other feeds run."""
+    try:
+        source = _keep(stores, open_store(feed.source.url, feed.source.options))
+        flow = flow_for(ctx, feed, source)
+        units = flow.units()
+    except Exception as exc:  # noqa: BLE001 - one feed's discovery never stops the run
+        yield feed_failed(feed, exc)
+        return
+    for unit in units:
         yield process(ctx, flow, unit)
+
+
+def feed_failed(feed: FeedConfig, exc: Exception) -> DeliveryReport:
+    if isinstance(exc, PipelineError | OSError):
+        why = " ".join(str(exc).split()) or type(exc).__name__
+    else:  # a defect: its message may quote data, the traceback goes to the debug log
+        log.debug("feed=%s discovery_failed", feed.name, exc_info=True)
+        why = f"unexpected {type(exc).__name__}"
+    log.error("feed=%s status=failed reason=feed not listed: %s", feed.name, why)
+    return DeliveryReport(feed=feed.name, delivery="*", status="failed",
+                          reason=f"feed not listed: {why}")
 
 
 def process(ctx: Context, flow: Flow, unit: Any) -> DeliveryReport:

@@ -4,6 +4,7 @@ control characters in file names, links leaving the feed folder."""
 from __future__ import annotations
 
 import json
+import uuid
 from pathlib import Path
 
 import pytest
@@ -40,8 +41,9 @@ def test_info_without_sequence_numbers_orders_files_by_split_number(env, capsys)
     assert "P1,111,remove" in csv  # split 10 came last
 
 
-@pytest.mark.parametrize("char", ["\n", "\r", "\t", "\x1b", "\u2028"])
+@pytest.mark.parametrize("char", ["\n", "\r", "\t", "\x1b", "\u2028", "\udcff"])
 def test_control_characters_in_file_names_fail_only_that_delivery(env, capsys, char):
+    """`\udcff` is how Python shows a file name byte that is not UTF-8 (0xFF here)."""
     put(env, ROOT1)
     bad_root = ROOT2.replace("_iter_", f"_it{char}er_")
     for name, data in delivery_files(bad_root, [["bob@example.com 111"]]).items():
@@ -51,7 +53,8 @@ def test_control_characters_in_file_names_fail_only_that_delivery(env, capsys, c
     by_status = {d["status"]: d for d in report["deliveries"]}
     assert set(by_status) == {"processed", "failed"}
     failed = by_status["failed"]
-    assert "control character" in failed["reason"] and failed["outputs"] == []
+    reason = "not valid UTF-8" if char == "\udcff" else "control character"
+    assert reason in failed["reason"] and failed["outputs"] == []
     assert char not in failed["delivery"]  # shown escaped, in the report and the ledger
     assert not any(char in name for name in outputs(env))
     state = [p.name for p in (env / "state").rglob("*")]
@@ -74,3 +77,23 @@ def test_links_leaving_the_feed_folder_are_not_followed(env, capsys):
     assert "missing" in second["reason"]
     assert not any(ROOT2 in name for name in outputs(env))
     assert "P3,113" not in "".join(p.read_text() for p in (env / "out").rglob("*.csv"))
+
+
+def test_a_feed_whose_listing_fails_does_not_stop_the_others(env, capsys, s3_endpoint):
+    """Discovery (opening the feed's store, listing it, reading control files) is the feed's
+    own: a missing bucket fails that feed with one line; the next feed runs."""
+    put(env, ROOT1)
+    cfg = config(env)
+    text = cfg.read_text().replace("[[feeds]]", f"""[[feeds]]
+name = "gone"
+source = "s3://missing-{uuid.uuid4().hex[:12]}/in"
+[[feeds]]""", 1)
+    cfg.write_text(text)
+    code, report = run_json(cfg, capsys=capsys)
+    assert code == 3
+    gone, emails = report["deliveries"]
+    assert (gone["feed"], gone["delivery"], gone["status"]) == ("gone", "*", "failed")
+    assert gone["reason"].startswith("feed not listed: s3://missing-")
+    assert "bucket does not exist" in gone["reason"] and "\n" not in gone["reason"]
+    assert (emails["feed"], emails["status"]) == ("emails", "processed")
+    assert report["totals"]["records_received"] == 3

@@ -21,7 +21,7 @@ from pipeline.errors import (
     IncompleteDelivery,
     SchemaError,
 )
-from pipeline.formats import control_char_problem, date_of_folder, escaped, valid_dpuuid
+from pipeline.formats import date_of_folder, escaped, file_name_problem, valid_dpuuid
 from pipeline.stages import publish
 from pipeline.stores import Store
 from pipeline.tables import check_columns
@@ -93,7 +93,7 @@ def export_file(path: str, size: int) -> ExportFile:
         f = ExportFile(path, size, root, midnight + zlib.crc32(root.encode()) % DAY, day)
     # Refused as a problem of the file: outputs would land in date=1970-01-01, or under a
     # name with a line break in it.
-    problem = control_char_problem(path) or (None if f.date else (
+    problem = file_name_problem(path) or (None if f.date else (
         "no date: neither a timestamp or date in the name nor a date= folder"))
     return ExportFile(path, size, escaped(root), f.timestamp_s, f.date, problem) \
         if problem else f

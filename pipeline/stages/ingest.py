@@ -19,8 +19,8 @@ from pipeline.formats import (
     InfoEntry,
     InfoFile,
     OutboundName,
-    control_char_problem,
     escaped,
+    file_name_problem,
     group_deliveries,
     info_name,
     info_order,
@@ -89,7 +89,7 @@ def find_deliveries(store: Store, feed: str, require_info: bool = True) -> list[
 def _delivery(store: Store, feed: str, folder: str, root: str, files: list[OutboundName],
               sizes: dict[str, int], require_info: bool) -> Delivery:
     info_path = posixpath.join(folder, info_name(root))
-    unsafe = control_char_problem(folder, root, *(n.path for n in files))
+    unsafe = file_name_problem(folder, root, *(n.path for n in files))
     if unsafe:  # never published under such a name; the report shows it escaped
         listed = tuple(DeliveryFile(n, sizes[n.path]) for n in files)
         return Delivery(feed, escaped(root), folder, listed, None, broken=unsafe)
