@@ -25,6 +25,9 @@ DPUUID_IDS = ("email_sha256", "profile_id", "crm_id", "ecid")
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 MAX_SEGMENT_ID = 2**32 - 1  # segment IDs are UInt32 through the pipeline (formats.parse_lines)
 MAX_AAM_ID = 2**31 - 1  # AAM trait IDs and data source IDs (DPID) are 32-bit signed integers
+# Snapshot columns the product reads (SPEC §4); `[profiles] columns` may rename each of them.
+PROFILE_COLUMNS = ("profile_id", "email", "phone", "country", "ecid", "crm_id", "opt_out",
+                   "blacklisted")
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,7 @@ class FeedConfig:
     require_info: bool = True
     max_removal_ratio: float = 0.5  # a `full` delivery may remove at most this share of pairs
     membership_retention_days: int = 35  # membership versions kept for backfill
+    match_column: str | None = None  # crm: snapshot column to reconcile on; None = crm_id's
 
     @property
     def kinds(self) -> tuple[str, ...]:
@@ -84,6 +88,13 @@ class Config:
     feeds: tuple[FeedConfig, ...]
     destinations: tuple[DestinationConfig, ...]
     source_path: str = ""
+    profile_columns: Mapping[str, str] = field(default_factory=dict)  # product -> snapshot
+
+    @property
+    def crm_matches(self) -> dict[str, str]:
+        """Snapshot columns that crm feeds reconcile on (besides crm_id's) -> the key naming it."""
+        return {f.match_column: f"feeds.{f.name}.match_column"
+                for f in self.feeds if f.match_column is not None}
 
 
 def load_config(path: str | Path, env: Mapping[str, str]) -> Config:
@@ -107,10 +118,13 @@ def parse_config(
     state = _table(raw, "state", required=True)
     _known(state, "state", {"location", "known_hosts", "identity_file"})
     profiles = _table(raw, "profiles", required=True)
-    _known(profiles, "profiles", {"snapshot", "default_country", "known_hosts", "identity_file"})
+    _known(profiles, "profiles",
+           {"snapshot", "default_country", "known_hosts", "identity_file", "columns"})
+    columns = _profile_columns(profiles.get("columns"))
     feeds_raw = _array(raw, "feeds")
     dests_raw = _array(raw, "destinations")
-    feeds = tuple(_feed(f, i, env, base_dir) for i, f in enumerate(feeds_raw))
+    crm_column = columns.get("crm_id", "crm_id")
+    feeds = tuple(_feed(f, i, env, base_dir, crm_column) for i, f in enumerate(feeds_raw))
     dests = tuple(_destination(d, i, base_dir) for i, d in enumerate(dests_raw))
     _unique([f.name for f in feeds], "feeds")
     _unique([d.name for d in dests], "destinations")
@@ -125,7 +139,23 @@ def parse_config(
         feeds=feeds,
         destinations=dests,
         source_path=source_path,
+        profile_columns=columns,
     )
+
+
+def _profile_columns(value: Any) -> dict[str, str]:
+    """`[profiles] columns`: product column name -> the snapshot's name for it."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError("profiles.columns: must be a table (product name = snapshot name)")
+    for product, name in value.items():
+        if product not in PROFILE_COLUMNS:
+            raise ConfigError(f"profiles.columns.{product}: unknown column, expected one of "
+                              f"{', '.join(PROFILE_COLUMNS)}")
+        if not isinstance(name, str) or not name.strip():
+            raise ConfigError(f"profiles.columns.{product}: must be a snapshot column name")
+    return dict(value)
 
 
 def _check_export_targets(feeds: tuple[FeedConfig, ...],
@@ -179,7 +209,8 @@ def _name(raw: Mapping[str, Any], where: str) -> str:
     return name
 
 
-def _feed(raw: Any, i: int, env: Mapping[str, str], base_dir: Path) -> FeedConfig:
+def _feed(raw: Any, i: int, env: Mapping[str, str], base_dir: Path,
+          crm_column: str) -> FeedConfig:
     where = f"feeds[{i}]"
     if not isinstance(raw, dict):
         raise ConfigError(f"{where} must be a table")
@@ -187,6 +218,7 @@ def _feed(raw: Any, i: int, env: Mapping[str, str], base_dir: Path) -> FeedConfi
         "name", "source", "kind", "known_hosts", "identity_file", "id_type", "id_kind",
         "id_encoding", "default_country", "decryption", "key_env", "iv_env",
         "max_reject_ratio", "require_info", "max_removal_ratio", "membership_retention_days",
+        "match_column",
     })
     name = _name(raw, where)
     where = f"feeds.{name}"
@@ -229,7 +261,21 @@ def _feed(raw: Any, i: int, env: Mapping[str, str], base_dir: Path) -> FeedConfi
         require_info=bool(_opt(raw, where, "require_info", bool, True)),
         max_removal_ratio=_ratio(raw, where, "max_removal_ratio", 0.5),
         membership_retention_days=retention,
+        match_column=_match_column(raw, where, kind, id_types, id_kinds, crm_column),
     )
+
+
+def _match_column(raw: Mapping[str, Any], where: str, kind: str, id_types: tuple[str, ...],
+                  id_kinds: tuple[str, ...], crm_column: str) -> str | None:
+    """The snapshot column a crm feed reconciles on; None when it is crm_id's own column."""
+    name = _opt(raw, where, "match_column", str)
+    if name is None:
+        return None
+    if kind != "aam_segments" or "declared" not in id_types or "crm" not in id_kinds:
+        raise ConfigError(f"{where}.match_column: only for feeds with id_kind = 'crm'")
+    if not name.strip():
+        raise ConfigError(f"{where}.match_column: must be a snapshot column name")
+    return None if name == crm_column else name
 
 
 def _destination(raw: Any, i: int, base_dir: Path) -> DestinationConfig:

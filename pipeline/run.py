@@ -71,7 +71,8 @@ def execute(config: Config, options: RunOptions, now: datetime | None = None,
             lock.acquire()
         kinds = tuple(k for k in KEY_KINDS if any(k in f.kinds for f in config.feeds))
         snapshots = _keep(stores, Snapshots(config.snapshot, config.default_country, workdir,
-                                            kinds))
+                                            kinds, config.profile_columns,
+                                            config.crm_matches))
         targets = {d.name: _keep(stores, open_store(d.target.url, d.target.options))
                    for d in config.destinations}
         ctx = Context(config, options, run_id, state, Ledger(state), snapshots, targets,

@@ -8,6 +8,9 @@ import os
 import re
 import shutil
 import tempfile
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import date
 
 import polars as pl
@@ -15,9 +18,15 @@ import polars as pl
 from pipeline.config import Location
 from pipeline.errors import FatalError, SchemaError
 from pipeline.spill import Spill, key_bucket, text_bucket
-from pipeline.stages.join import known_phones, profile_keys, profile_table, unique_keys
+from pipeline.stages.join import (
+    MATCH_PREFIX,
+    known_phones,
+    profile_keys,
+    profile_table,
+    unique_keys,
+)
 from pipeline.stores import open_store
-from pipeline.tables import check_columns, check_rows
+from pipeline.tables import check_columns, check_rows, check_type, load_schema
 
 log = logging.getLogger(__name__)
 _PARTITION = re.compile(r"(?:^|/)date=(\d{4}-\d{2}-\d{2})(?:/|$)")
@@ -27,8 +36,12 @@ class Snapshots:
     """Loads the snapshot for a delivery date once per run (cached by chosen partition)."""
 
     def __init__(self, location: Location, default_country: str | None, workdir: str,
-                 kinds: tuple[str, ...] = ("ecid", "email", "phone", "crm")) -> None:
+                 kinds: tuple[str, ...] = ("ecid", "email", "phone", "crm"),
+                 columns: Mapping[str, str] | None = None,
+                 matches: Mapping[str, str] | None = None) -> None:
         self.location = location
+        # product name -> snapshot name, and crm feeds' own match columns -> their config key
+        self.names = SnapshotNames(dict(columns or {}), dict(matches or {}))
         self.kinds = kinds  # every key kind the run's feeds need: normalized in one pass
         self.default_country = default_country
         self.workdir = workdir
@@ -44,7 +57,8 @@ class Snapshots:
         label, paths = _choose(self._files, as_of, self.location.url)
         if label not in self._cache:
             local = [self._fetch(p) for p in paths]
-            self._cache[label] = _load(local, self.location.url, self.default_country)
+            self._cache[label] = _load(local, self.location.url, self.default_country,
+                                       self.names)
             log.info("snapshot=%s profiles=%d", label or "single", self._cache[label].height)
         return label, self._cache[label]
 
@@ -54,22 +68,24 @@ class Snapshots:
         local = [self._fetch(p) for p in paths]
         return _scan(local, self.location.url).select(pl.len()).collect().item()
 
-    def index(self, as_of: date | None, kinds: tuple[str, ...], buckets: int) -> ProfileIndex:
+    def index(self, as_of: date | None, kinds: tuple[str, ...], buckets: int,
+              match_column: str | None = None) -> ProfileIndex:
         """Profile keys (by key bucket) and DPUUID attributes (by profile bucket), on disk.
 
         The snapshot is normalized once per (partition, kinds) in slices, so memory stays
         bounded by the slice size, and re-bucketed cheaply for another bucket count.
+        `match_column`: a crm feed's own snapshot column for CRM keys (None: crm_id's).
         """
         label, paths = _choose(self._files, as_of, self.location.url)
         if label not in self._normalized:
             self._normalized[label] = self._normalize(label, paths)
-        ikey = (label, kinds, buckets)
+        ikey = (label, kinds, buckets, match_column)
         if ikey not in self._indexes:
-            self._indexes[ikey] = self._bucketize(label, kinds, buckets)
+            self._indexes[ikey] = self._bucketize(label, kinds, buckets, match_column)
         return self._indexes[ikey]
 
     def _normalize(self, label: str, paths: list[str]) -> int:
-        scan = _checked_scan([self._fetch(p) for p in paths], self.location.url)
+        scan = _checked_scan([self._fetch(p) for p in paths], self.location.url, self.names)
         total = scan.select(pl.len()).collect().item()
         kinds = self.kinds
         name = _name("normalized", label)
@@ -80,13 +96,15 @@ class Snapshots:
         log.info("snapshot=%s profiles=%d kinds=%s", label or "single", total, ",".join(kinds))
         return total
 
-    def _bucketize(self, label: str, kinds: tuple[str, ...], buckets: int) -> ProfileIndex:
-        keys_name = _name("keys", label, kinds, buckets)
+    def _bucketize(self, label: str, kinds: tuple[str, ...], buckets: int,
+                   match_column: str | None) -> ProfileIndex:
+        keys_name = _name("keys", label, kinds, buckets, _tag(match_column))
         attrs_name = _name("attrs", label, buckets)  # the same for every kind
         attrs_done = attrs_name in self._attrs
         for part in self._spill.parts(_name("normalized", label)):
             source = pl.scan_ipc(part)
-            keys = profile_keys(source, kinds).with_columns(_b=key_bucket(pl.col("key"), buckets))
+            keys = profile_keys(source, kinds, match_column).with_columns(
+                _b=key_bucket(pl.col("key"), buckets))
             self._spill.write(keys_name, keys.collect(), bucket="_b")
             if not attrs_done:
                 attrs = source.select(ATTRS).with_columns(
@@ -183,6 +201,11 @@ def _empty_keys() -> pl.LazyFrame:
                                 "profile_id": pl.String, "suppressed": pl.Boolean})
 
 
+def _tag(match_column: str | None) -> str:
+    """A file-name-safe tag for a crm feed's match column (any snapshot column name)."""
+    return "" if match_column is None else f"m{zlib.crc32(match_column.encode()):08x}"
+
+
 def _name(*parts: object) -> str:
     return "-".join(str(p).replace(",", "_").replace("'", "").replace(" ", "")
                     .replace("(", "").replace(")", "") for p in parts if p != "")
@@ -198,16 +221,48 @@ def _scan(paths: list[str], url: str) -> pl.LazyFrame:
     return scan
 
 
-def _checked_scan(paths: list[str], url: str) -> pl.LazyFrame:
-    scan = _scan(paths, url)
-    present = check_columns(scan.collect_schema(), "profiles", f"profile snapshot {url}")
-    scan = scan.select(present)
-    check_rows(scan, "profiles", f"profile snapshot {url}")
+@dataclass(frozen=True)
+class SnapshotNames:
+    """The snapshot's own column names: `[profiles] columns` and crm feeds' `match_column`."""
+
+    columns: dict[str, str]  # product name -> snapshot name
+    matches: dict[str, str]  # snapshot column a crm feed reconciles on -> its config key
+
+
+def _checked_scan(paths: list[str], url: str, names: SnapshotNames) -> pl.LazyFrame:
+    where = f"profile snapshot {url}"
+    scan = _renamed(_scan(paths, url), where, names)
+    shown = names.columns
+    schema = scan.collect_schema()
+    present = check_columns(schema, "profiles", where, shown)
+    crm_types = load_schema("profiles")["columns"]["crm_id"]["types"]
+    for match, key in names.matches.items():
+        check_type(schema[MATCH_PREFIX + match], crm_types, where, f"{match!r} ({key})")
+    scan = scan.select(*present, *(MATCH_PREFIX + m for m in names.matches))
+    check_rows(scan, "profiles", where, shown)
     return scan
 
 
-def _load(paths: list[str], url: str, default_country: str | None) -> pl.DataFrame:
-    return profile_table(_checked_scan(paths, url), default_country).collect()
+def _renamed(scan: pl.LazyFrame, where: str, names: SnapshotNames) -> pl.LazyFrame:
+    """Snapshot names -> product names, once at the scan: the rest of the pipeline (and its
+    lazy plan, which reads only the columns it needs) sees product names only."""
+    schema = scan.collect_schema()
+    for product, name in names.columns.items():
+        if name not in schema:
+            raise SchemaError(f"{where}: column {name!r} (profiles.columns.{product}) is missing")
+    for name, key in names.matches.items():
+        if name not in schema:
+            raise SchemaError(f"{where}: column {name!r} ({key}) is missing")
+    products = [(p, names.columns.get(p, p)) for p in load_schema("profiles")["columns"]]
+    return scan.select(
+        *(pl.col(name).alias(product) for product, name in products if name in schema),
+        *(pl.col(name).alias(MATCH_PREFIX + name) for name in names.matches),
+    )
+
+
+def _load(paths: list[str], url: str, default_country: str | None,
+          names: SnapshotNames) -> pl.DataFrame:
+    return profile_table(_checked_scan(paths, url, names), default_country).collect()
 
 
 def make_workdir() -> str:

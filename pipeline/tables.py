@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from functools import cache
 from importlib import resources
 from typing import Any
@@ -24,21 +25,21 @@ def load_schema(name: str) -> dict[str, Any]:
     return json.loads(text)
 
 
-def check_columns(schema: pl.Schema, name: str, where: str) -> list[str]:
-    """Check column presence and types; return the known columns present."""
+def check_columns(schema: pl.Schema, name: str, where: str,
+                  shown: Mapping[str, str] | None = None) -> list[str]:
+    """Check column presence and types; return the known columns present.
+
+    `shown` maps a column to the name the user knows it by (a renamed snapshot column),
+    so errors name both.
+    """
     spec = load_schema(name)["columns"]
     for col, rule in spec.items():
         if col not in schema:
             if rule.get("required"):
-                raise SchemaError(f"{where}: required column {col!r} is missing ({name} schema)")
+                raise SchemaError(f"{where}: required column {_label(col, shown)} is missing "
+                                  f"({name} schema)")
             continue
-        dtype = schema[col]
-        if dtype == pl.Null:
-            continue
-        if not any(_FAMILIES[f](dtype) for f in rule["types"]):
-            raise SchemaError(
-                f"{where}: column {col!r} has type {dtype}, expected {' or '.join(rule['types'])}"
-            )
+        check_type(schema[col], rule["types"], where, _label(col, shown))
     return [c for c in spec if c in schema]
 
 
@@ -50,7 +51,20 @@ def check_output(schema: pl.Schema, name: str, where: str) -> None:
     check_columns(schema, name, where)
 
 
-def check_rows(frame: pl.LazyFrame, name: str, where: str) -> None:
+def check_type(dtype: pl.DataType, types: list[str], where: str, label: str) -> None:
+    """One column's type against its allowed families (an all-null column passes)."""
+    if dtype != pl.Null and not any(_FAMILIES[f](dtype) for f in types):
+        raise SchemaError(f"{where}: column {label} has type {dtype}, expected "
+                          f"{' or '.join(types)}")
+
+
+def _label(col: str, shown: Mapping[str, str] | None) -> str:
+    other = (shown or {}).get(col, col)
+    return repr(col) if other == col else f"{other!r} ({col})"
+
+
+def check_rows(frame: pl.LazyFrame, name: str, where: str,
+               shown: Mapping[str, str] | None = None) -> None:
     """Check non-null and unique rules (one aggregate pass over the needed columns)."""
     spec = load_schema(name)["columns"]
     exprs = []
@@ -65,4 +79,5 @@ def check_rows(frame: pl.LazyFrame, name: str, where: str) -> None:
     for label, value in result.items():
         if value:
             col, what = label.split(":")
-            raise SchemaError(f"{where}: column {col!r} has {value} {what} ({name} schema)")
+            raise SchemaError(f"{where}: column {_label(col, shown)} has {value} {what} "
+                              f"({name} schema)")

@@ -104,7 +104,8 @@ def process_delivery(ctx: Context, feed: FeedConfig, source: Store, delivery: De
     # delivery mostly polars, which releases the GIL: overlapping them uses both cores.
     # A phone feed waits, as it reuses the snapshot's phone results.
     with ThreadPoolExecutor(1, thread_name_prefix="snapshot") as pool:
-        index = pool.submit(ctx.snapshots.index, delivery.date, feed.kinds, buckets)
+        index = pool.submit(ctx.snapshots.index, delivery.date, feed.kinds, buckets,
+                            feed.match_column)
         ingest(ctx, plan, source, rep,
                index.result().phones if "phone" in feed.kinds else None)
         profiles = index.result()

@@ -10,6 +10,7 @@ import polars as pl
 from pipeline import identity
 
 KEY_KINDS = ("ecid", "email", "phone", "crm")
+MATCH_PREFIX = "match:"  # a crm feed's own snapshot column (`match_column`), as scanned
 _SOURCE = {"ecid": "ecid", "email": "email", "phone": "phone", "crm": "crm_id"}
 
 
@@ -32,6 +33,9 @@ def profile_table(snapshot: pl.LazyFrame, default_country: str | None,
         country = country.fill_null(default_country)
     phone = (identity.normalize("phone", col("phone"), country)
              if "phone" in kinds else pl.lit(None, pl.String))
+    matches = {crm_key_column(n.removeprefix(MATCH_PREFIX)):
+               identity.sha256_hex(identity.normalize("crm", pl.col(n)))
+               for n in names if n.startswith(MATCH_PREFIX)}
     return snapshot.select(
         profile_id=col("profile_id"),
         suppressed=flag("opt_out") | flag("blacklisted"),
@@ -41,6 +45,7 @@ def profile_table(snapshot: pl.LazyFrame, default_country: str | None,
         phone_e164=phone,
         phone=col("phone"),
         country=country,
+        **matches,
     ).with_columns(
         phone_key=identity.sha256_hex(pl.col("phone_e164")),
         ecid_key=identity.sha256_hex(pl.col("ecid")),
@@ -56,7 +61,13 @@ def known_phones(profiles: pl.LazyFrame) -> pl.LazyFrame:
             .unique(subset=["number", "region"], keep="first", maintain_order=True))
 
 
-def profile_keys(profiles: pl.LazyFrame, kinds: tuple[str, ...]) -> pl.LazyFrame:
+def crm_key_column(match_column: str | None) -> str:
+    """Where the CRM key of a feed lives: crm_id's, or its own `match_column`'s."""
+    return "crm_key" if match_column is None else f"crm_key:{match_column}"
+
+
+def profile_keys(profiles: pl.LazyFrame, kinds: tuple[str, ...],
+                 match_column: str | None = None) -> pl.LazyFrame:
     """(key, matched_on, profile_id, suppressed), one row per key.
 
     Two profiles sharing a key (same email twice) resolve to the smallest profile_id, so the
@@ -65,7 +76,8 @@ def profile_keys(profiles: pl.LazyFrame, kinds: tuple[str, ...]) -> pl.LazyFrame
     """
     parts = [
         profiles.select(
-            key=pl.col(f"{kind}_key"), matched_on=pl.lit(kind), profile_id="profile_id",
+            key=pl.col(crm_key_column(match_column) if kind == "crm" else f"{kind}_key"),
+            matched_on=pl.lit(kind), profile_id="profile_id",
             suppressed="suppressed",
         ).filter(pl.col("key").is_not_null())
         for kind in kinds
