@@ -7,24 +7,30 @@ import logging
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import boto3
+import polars as pl
 
-from localdev.generate import GenerateSpec, generate
+from localdev.generate import BASE_TS_MS, GenerateSpec, generate
 from localdev.servers import moto_s3_server, sftp_server
 from pipeline.config import load_config
 from pipeline.console import print_report
 from pipeline.context import RunOptions
+from pipeline.report import RunReport
 from pipeline.run import execute
 from pipeline.stores import StoreOptions, open_store
 
 log = logging.getLogger(__name__)
-BUCKETS = ("aam-outbound", "crm", "aam-inbound")
+BUCKETS = ("aam-outbound", "crm", "aam-inbound", "campaign-exports")
+EXPORTS = "s3://campaign-exports/audiences/"
+DAY_S = 86_400
+AWS_VARS = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
 
 CONFIG = """\
-# Written by `run_pipeline.py demo`: an SFTP email feed, S3 phone and ECID feeds,
-# a profile snapshot on S3, and the three kinds of destination.
+# Written by `run_pipeline.py demo`: an SFTP email feed, S3 phone and ECID feeds, a
+# Campaign audience export feed, a profile snapshot on S3, and the three kinds of destination.
 [state]
 location = "{out}/state"
 
@@ -55,6 +61,11 @@ name = "aam-ecids"
 source = "s3://aam-outbound/ecids/"
 id_type = "ecid"
 
+[[feeds]]
+name = "campaign-audiences"
+kind = "campaign_export"      # Campaign target lists -> shared audiences, sent as diffs
+source = "{exports}"
+
 [[destinations]]
 name = "campaign"
 kind = "campaign_list"
@@ -68,6 +79,7 @@ target = "s3://aam-inbound/acme/"
 dpid = 12345
 id = "email_sha256"
 segments = {{ "111" = 9001, "112" = 9002, "113" = 9003 }}
+audiences = {{ "loyal" = 9101, "churn-risk" = 9102 }}
 gzip = true
 
 [[destinations]]
@@ -79,7 +91,10 @@ identity_file = "{identity_file}"
 """
 
 
-def run_demo(output: str, lines: int = 2000, as_json: bool = False) -> int:
+def run_demo(output: str, lines: int = 2000, as_json: bool = False,
+             keep: bool = False) -> int:
+    """Two nightly runs: the first processes everything, the second only what is new (a
+    changed Campaign audience, published as a diff) and skips what is done."""
     out = Path(output).resolve()
     shutil.rmtree(out, ignore_errors=True)
     data = generate(out / "generated", GenerateSpec(lines=lines, profiles=lines, files=3))
@@ -94,32 +109,93 @@ def run_demo(output: str, lines: int = 2000, as_json: bool = False) -> int:
         _upload(data["feeds"]["phone"], "s3://aam-outbound/phones/", StoreOptions())
         _upload(data["feeds"]["ecid"], "s3://aam-outbound/ecids/", StoreOptions())
         _upload(str(Path(data["profiles"]).parent), "s3://crm/profiles/", StoreOptions())
+        _put_export(lines, day=0)
         config_path = out / "demo.toml"
         config_path.write_text(CONFIG.format(
             out=out, sftp_url=sftp.url, known_hosts=sftp.known_hosts,
-            identity_file=sftp.identity_file, key_env=data["key_env"]))
+            identity_file=sftp.identity_file, key_env=data["key_env"], exports=EXPORTS))
+        env_path = _env_file(out, {**env, **{k: os.environ[k] for k in AWS_VARS}})
         config = load_config(config_path, env)
-        report = execute(config, RunOptions())
+        first = execute(config, RunOptions())
+        _put_export(lines, day=1)  # the next night: Campaign's audiences changed
+        second = execute(config, RunOptions())
         _download("s3://aam-inbound/acme/", out / "experience-cloud")
-    if as_json:
-        print(json.dumps(report.to_dict(), indent=1))
-    else:
-        print_report(report)
-        print(f"\nOutputs:\n  Campaign import lists:     {out / 'campaign'}\n"
-              f"  AAM inbound files (S3):    s3://aam-inbound/acme/ (copied to "
-              f"{out / 'experience-cloud'})\n"
-              f"  No-profile contacts (SFTP): {out / 'sftp' / 'contacts'}\n"
-              f"  Ledger, reports, quarantine: {out / 'state'}\n"
-              f"  Config used:               {config_path}", file=sys.stdout)
-    return report.exit_code()
+        if as_json:
+            print(json.dumps({"first_run": first.to_dict(), "second_run": second.to_dict()},
+                             indent=1))
+        else:
+            _print_runs(first, second, out, config_path, env_path)
+        if keep:
+            _serve_until_interrupted(config_path, env_path)
+    return max(first.exit_code(), second.exit_code())
+
+
+def _put_export(profiles: int, day: int) -> None:
+    """A Campaign target-list export: the full current membership of two audiences. On day 1
+    the audiences shift, so the second run publishes joiners (d_sid) and leavers (d_unsid)."""
+    ids = pl.int_range(0, profiles, eager=True)
+    loyal = ids.filter((ids % 3 == 0) & (ids < profiles * (0.4 + 0.1 * day)))
+    churn = ids.filter((ids % 5 == day) & (ids < profiles // 2))
+    rows = pl.concat([
+        pl.DataFrame({"audience": "loyal", "id": loyal}),
+        pl.DataFrame({"audience": "churn-risk", "id": churn}),
+    ]).select("audience", profile_id=pl.format("P{}", pl.col("id").cast(pl.String)
+                                                .str.zfill(8)))
+    stamp = BASE_TS_MS // 1000 + (day + 1) * DAY_S
+    store = open_store(EXPORTS)
+    try:
+        store.write_bytes(f"audiences_{stamp}.csv", rows.write_csv().encode())
+    finally:
+        store.close()
+
+
+def _print_runs(first: RunReport, second: RunReport, out: Path, config_path: Path,
+                env_path: Path) -> None:
+    print("First run (every delivery and the day-1 audience export):")
+    print_report(first)
+    print("\nSecond run (next night: AAM deliveries already done are skipped; the changed "
+          "Campaign audience goes out as a diff):")
+    print_report(second)
+    for d in second.deliveries:
+        if d.feed == "campaign-audiences" and d.status == "processed":
+            print(f"  {d.delivery}: {d.matched - d.suppressed} current members, "
+                  f"{d.rows_written.get('experience-cloud', 0)} AAM inbound lines "
+                  "(d_sid for joiners, d_unsid for leavers)")
+    print(f"\nOutputs:\n  Campaign import lists:     {out / 'campaign'}\n"
+          f"  AAM inbound files (S3):    s3://aam-inbound/acme/ (copied to "
+          f"{out / 'experience-cloud'})\n"
+          f"  No-profile contacts (SFTP): {out / 'sftp' / 'contacts'}\n"
+          f"  Ledger, reports, quarantine: {out / 'state'}\n"
+          f"  Config used:               {config_path}\n"
+          f"\nRerun by hand (the demo's servers stop when it ends; `demo --keep` keeps them):\n"
+          f"  set -a; . {env_path}; set +a     # demo endpoint, credentials and key\n"
+          f"  python run_pipeline.py run --config {config_path}\n"
+          f"  python run_pipeline.py status --config {config_path}", file=sys.stdout)
+
+
+def _env_file(out: Path, values: dict[str, str]) -> Path:
+    """Endpoint, demo credentials and the demo key for a rerun by hand (owner-only file)."""
+    path = out / "demo.env"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.writelines(f"{k}={v}\n" for k, v in sorted(values.items()))
+    return path
+
+
+def _serve_until_interrupted(config_path: Path, env_path: Path) -> None:
+    print(f"\nServers are up (Ctrl-C stops them). In another shell:\n"
+          f"  set -a; . {env_path}; set +a\n"
+          f"  python run_pipeline.py run --config {config_path}", file=sys.stdout, flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
 
 
 def _aws_env(endpoint: str) -> None:
     # The demo is its own process: pointing boto3's standard chain at moto is the point.
-    os.environ.update({
-        "AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "demo",
-        "AWS_SECRET_ACCESS_KEY": "demo", "AWS_DEFAULT_REGION": "us-east-1",
-    })
+    os.environ.update(dict(zip(AWS_VARS, (endpoint, "demo", "demo", "us-east-1"), strict=True)))
 
 
 def _upload(local_dir: str, url: str, options: StoreOptions) -> None:

@@ -68,6 +68,8 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="zero set-up end-to-end run on local S3 and SFTP servers")
     demo.add_argument("--output", default="demo-output", help="folder for outputs and state")
     demo.add_argument("--lines", type=int, default=2000)
+    demo.add_argument("--keep", action="store_true",
+                      help="keep the S3 and SFTP servers up after the runs (Ctrl-C stops)")
     demo.add_argument("--json", action="store_true")
     demo.add_argument("--debug", action="store_true")
     demo.set_defaults(handler=_cmd_demo)
@@ -171,7 +173,7 @@ def _cmd_demo(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     _localdev("demo", "moto")
     from localdev.demo import run_demo
 
-    return run_demo(args.output, lines=args.lines, as_json=args.json)
+    return run_demo(args.output, lines=args.lines, as_json=args.json, keep=args.keep)
 
 
 def _cmd_generate(args: argparse.Namespace, env: Mapping[str, str]) -> int:

@@ -1,0 +1,33 @@
+"""`demo` end to end in a subprocess: two runs, the second skips what is done and sends the
+changed Campaign audience as a diff; the rerun-by-hand files it points to exist."""
+
+from __future__ import annotations
+
+import json
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_demo_runs_twice_and_publishes_the_export_as_a_diff(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "run_pipeline.py", "demo", "--output", str(tmp_path / "d"),
+         "--lines", "300", "--json"],
+        cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-2000:]
+    runs = json.loads(done.stdout)
+    first, second = runs["first_run"], runs["second_run"]
+    assert first["deliveries_by_status"] == {"processed": 4}
+    assert second["deliveries_by_status"] == {"skipped": 4, "processed": 1}
+    export = next(d for d in second["deliveries"] if d["status"] == "processed")
+    assert export["feed"] == "campaign-audiences"
+    members = export["matched"] - export["suppressed"]
+    changes = export["rows_written"]["experience-cloud"]
+    assert 0 < changes < members  # a diff, not the whole membership again
+    env_file = tmp_path / "d" / "demo.env"
+    assert stat.S_IMODE(env_file.stat().st_mode) == 0o600
+    assert "AWS_ENDPOINT_URL=" in env_file.read_text()
+    assert (tmp_path / "d" / "demo.toml").is_file()
