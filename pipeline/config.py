@@ -131,10 +131,11 @@ def parse_config(
     _check_export_targets(feeds, dests)
     country = _opt(profiles, "profiles", "default_country", str)
     state_location = _location(state, "state", "location", base_dir)
-    _check_overlaps(state_location, feeds, dests)
+    snapshot = _location(profiles, "profiles", "snapshot", base_dir)
+    _check_overlaps(state_location, snapshot, feeds, dests)
     return Config(
         state=state_location,
-        snapshot=_location(profiles, "profiles", "snapshot", base_dir),
+        snapshot=snapshot,
         default_country=_country(country, "profiles.default_country"),
         feeds=feeds,
         destinations=dests,
@@ -167,12 +168,13 @@ def _check_export_targets(feeds: tuple[FeedConfig, ...],
                           "destination with an `audiences` table")
 
 
-def _check_overlaps(state: Location, feeds: tuple[FeedConfig, ...],
+def _check_overlaps(state: Location, snapshot: Location, feeds: tuple[FeedConfig, ...],
                     dests: tuple[DestinationConfig, ...]) -> None:
-    """Nothing the pipeline writes may land where a feed reads, and two writers (the state,
-    each destination) never share a folder: outputs would be read back as input or replace
-    each other's files (manifests are named by feed and delivery only)."""
+    """Nothing the pipeline writes may land where it reads (feeds, the snapshot), and two
+    writers (the state, each destination) never share a folder: outputs would be read back
+    as input or replace each other's files (manifests are named by feed and delivery only)."""
     readers = [(f"feeds.{f.name}.source", f.source.url) for f in feeds]
+    readers.append(("profiles.snapshot", snapshot.url))
     writers = [("state.location", state.url)] + [
         (f"destinations.{d.name}.target", d.target.url) for d in dests]
     for i, (key, url) in enumerate(writers):

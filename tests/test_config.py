@@ -224,6 +224,8 @@ def _overlap(tmp_path, state="./state", source="./in", target="./out", target2=N
     ({"target": "./state/out"}, "destinations.d.target: overlaps state.location"),
     ({"target2": "./out"}, "destinations.d2.target: overlaps destinations.d.target"),
     ({"target2": "./out/campaign"}, "destinations.d2.target: overlaps destinations.d.target"),
+    ({"target": "./profiles/out"}, "destinations.d.target: overlaps profiles.snapshot"),
+    ({"state": "./profiles/state"}, "state.location: overlaps profiles.snapshot"),
 ])
 def test_overlapping_locations_are_refused(tmp_path, where, message):
     with pytest.raises(ConfigError) as info:
