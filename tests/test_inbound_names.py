@@ -97,13 +97,19 @@ def test_undated_deliveries_of_one_date_folder_lose_nothing(env, capsys):
     assert sorted(sum(files.values(), [])) == [f"P{i}\td_sid=1" for i in range(6)]
 
 
-def test_a_delivery_without_any_date_fails_instead_of_landing_in_1970(env, capsys):
+@pytest.mark.parametrize(("root", "folder"), [
+    ("ftp_1234_5679_iter", ""),  # no TIMESTAMP, no date= folder
+    ("ftp_1234_5679_iter_0000000005000", ""),  # 1970-01-01 00:00:05
+    ("ftp_1234_5679_iter", "date=1970-01-01"),
+])
+def test_a_delivery_without_a_usable_date_fails_instead_of_landing_in_1970(env, capsys, root,
+                                                                           folder):
     put(env, "in", "ftp_1234_5678_iter_1486140844000", range(0, 3))
-    put(env, "in", "ftp_1234_5679_iter", range(3, 6))  # no TIMESTAMP, no date= folder
+    put(env, "in", root, range(3, 6), folder=folder)
     code, report = run(config(env), capsys)
     assert code == 3
-    (undated,) = [d for d in report["deliveries"] if d["delivery"] == "ftp_1234_5679_iter"]
-    assert undated["status"] == "failed" and "no date" in undated["reason"]
+    (undated,) = [d for d in report["deliveries"] if d["delivery"] == root]
+    assert undated["status"] == "failed" and "no usable date" in undated["reason"]
     assert undated["outputs"] == []
     assert not any("1970" in name or "5679" in name for name in outputs(env))
 

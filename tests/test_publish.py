@@ -135,9 +135,11 @@ def test_delivery_tags_are_stable_six_digit_and_per_feed_and_root() -> None:
     assert DeliveryKey("a", "r", 1).tag == DeliveryKey("a", "r", 2).tag  # not from the time
 
 
-def test_a_delivery_without_a_date_gets_no_inbound_file(tmp_path: Path) -> None:
-    with pytest.raises(DeliveryFailed, match="no date"):
-        InboundWriter(dest(10), DeliveryKey("emails", "undated", None), tmp_path)
+@pytest.mark.parametrize("timestamp", [None, 0, 946_684_799])
+def test_a_delivery_without_a_usable_date_gets_no_inbound_file(tmp_path: Path,
+                                                               timestamp: int | None) -> None:
+    with pytest.raises(DeliveryFailed, match="no usable date"):
+        InboundWriter(dest(10), DeliveryKey("emails", "undated", timestamp), tmp_path)
     assert _compress_threads() == 0
 
 

@@ -37,6 +37,9 @@ DPUUID_COLUMN = {"email_sha256": "email_key", "profile_id": "profile_id",
                  "crm_id": "crm_id", "ecid": "ecid"}
 _COPY = 8 << 20
 PARTS = 1000  # the split slot of an inbound name is <delivery tag><part, 3 digits>
+# Inbound files are filed by date: an earlier TIMESTAMP (0, a stray 10-digit number) is no
+# usable date, and would file them under date=1970-01-01. AAM itself is younger than this.
+MIN_TIMESTAMP = 946_684_800  # 2000-01-01T00:00:00Z
 
 
 @dataclass(frozen=True)
@@ -126,9 +129,10 @@ class InboundWriter:
     """
 
     def __init__(self, dest: DestinationConfig, key: DeliveryKey, workdir: Path) -> None:
-        if key.timestamp_s is None:
-            raise DeliveryFailed("no date: neither a TIMESTAMP in the name nor a date= folder "
-                                 f"(destinations.{dest.name} files AAM inbound files by date)")
+        if key.timestamp_s is None or key.timestamp_s < MIN_TIMESTAMP:
+            raise DeliveryFailed("no usable date: neither a TIMESTAMP in the name nor a date= "
+                                 "folder, or one before 2000-01-01 (destinations."
+                                 f"{dest.name} files AAM inbound files by date)")
         self.dest, self.key, self.ts = dest, key, key.timestamp_s
         workdir.mkdir(parents=True, exist_ok=True)
         self.workdir = Path(tempfile.mkdtemp(prefix=f"{dest.name}-", dir=workdir))
