@@ -26,6 +26,7 @@ from pipeline.stages.join import (
     unique_keys,
 )
 from pipeline.stores import open_store
+from pipeline.stores.local import LocalStore
 from pipeline.tables import check_columns, check_rows, check_type, load_schema
 
 log = logging.getLogger(__name__)
@@ -118,9 +119,8 @@ class Snapshots:
         return ProfileIndex(self._spill, keys_name, attrs_name, buckets, phones)
 
     def _fetch(self, path: str) -> str:
-        root = getattr(self._store, "root", None)
-        if root is not None:  # local store: read in place
-            return os.path.join(root, path)
+        if isinstance(self._store, LocalStore):  # read in place (an SFTP root is remote)
+            return os.path.join(self._store.root, path)
         # The local name is ours (a digest of the key): a key such as `../../x.parquet` never
         # becomes a path on this host. Downloaded under a temporary name, renamed when whole:
         # a failed download leaves nothing that a retry would take for the file.

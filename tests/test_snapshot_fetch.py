@@ -13,6 +13,7 @@ import pytest
 from pipeline.config import Location
 from pipeline.errors import StoreUnavailable
 from pipeline.snapshot import Snapshots
+from pipeline.stores import StoreOptions
 from pipeline.stores.s3 import S3Store
 from tests.factories import write_snapshot
 
@@ -95,3 +96,21 @@ def test_snapshot_keys_with_dot_dot_stay_out_of_the_host(
     assert outside == []
     names = [p.relative_to(work).as_posix() for p in work.rglob("*") if p.is_file()]
     assert len(names) == 1 and names[0].startswith("snapshot/") and "good" not in names[0]
+
+
+def test_sftp_snapshot_is_downloaded_not_read_at_the_remote_path_on_this_host(
+    sftp_server, tmp_path: Path
+) -> None:
+    """The remote path of an SFTP file means nothing on this host (here it happens to exist,
+    as the test server serves a local folder): the file is fetched into the work folder."""
+    folder = Path(sftp_server.root_dir) / f"snap-{tmp_path.name}"
+    write_snapshot(folder / "part.parquet", PROFILES)
+    options = StoreOptions(known_hosts=sftp_server.known_hosts,
+                           identity_file=sftp_server.identity_file)
+    work = tmp_path / "work"
+    snapshots = Snapshots(Location(f"{sftp_server.url}/snap-{tmp_path.name}", options), None,
+                          str(work))
+    assert snapshots.size(None) == 50
+    snapshots.close()
+    (fetched,) = [p for p in work.rglob("*.parquet")]
+    assert fetched.read_bytes() == (folder / "part.parquet").read_bytes()
