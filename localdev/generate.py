@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import json
-import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -324,10 +322,3 @@ def _size_md5(path: Path) -> tuple[int, str]:
         while block := f.read(1 << 22):
             md5.update(block)
     return path.stat().st_size, md5.hexdigest()
-
-
-def env_for(result: dict) -> dict[str, str]:
-    return {**os.environ, result["key_env"]: result["key_hex"]}
-
-
-__all__ = ["GenerateSpec", "generate", "json"]

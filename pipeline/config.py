@@ -87,7 +87,6 @@ class Config:
     default_country: str | None
     feeds: tuple[FeedConfig, ...]
     destinations: tuple[DestinationConfig, ...]
-    source_path: str = ""
     profile_columns: Mapping[str, str] = field(default_factory=dict)  # product -> snapshot
 
     @property
@@ -108,12 +107,10 @@ def load_config(path: str | Path, env: Mapping[str, str]) -> Config:
         raise ConfigError(f"cannot read config file {path}: {exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
-    return parse_config(raw, env, base_dir=path.parent, source_path=str(path))
+    return parse_config(raw, env, base_dir=path.parent)
 
 
-def parse_config(
-    raw: Mapping[str, Any], env: Mapping[str, str], base_dir: Path, source_path: str = ""
-) -> Config:
+def parse_config(raw: Mapping[str, Any], env: Mapping[str, str], base_dir: Path) -> Config:
     _known(raw, "", {"state", "profiles", "feeds", "destinations"})
     state = _table(raw, "state", required=True)
     _known(state, "state", {"location", "known_hosts", "identity_file"})
@@ -139,7 +136,6 @@ def parse_config(
         default_country=_country(country, "profiles.default_country"),
         feeds=feeds,
         destinations=dests,
-        source_path=source_path,
         profile_columns=columns,
     )
 

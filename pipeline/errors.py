@@ -1,4 +1,4 @@
-"""One exception hierarchy: terminal, retriable (transient) and row-level errors.
+"""One exception hierarchy: terminal and retriable (transient) errors.
 
 Messages carry paths, keys, counts and line numbers only: never an ID, address or secret.
 """
@@ -43,10 +43,3 @@ class DeliveryFailed(PipelineError):
 class LockHeld(PipelineError):
     """Another run holds the state lock."""
 
-
-class RowError(PipelineError):
-    """Row-level problem; such rows are quarantined, this is raised only inside helpers."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason

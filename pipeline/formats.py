@@ -424,9 +424,7 @@ def parse_lines(lines: pl.LazyFrame) -> pl.LazyFrame:
 # --------------------------------------------------------------------------------------------
 
 # AAM keeps at most 200 lines per user ID in one inbound file and sets no limit on traits per
-# line (Experience League, "Inbound Data File Contents"). One line per DPUUID therefore always
-# honours the limit; `max_signals_per_line` only exists for receivers that want short lines.
-MAX_LINES_PER_DPUUID = 200
+# line (Experience League, "Inbound Data File Contents"): one line per DPUUID always honours it.
 
 
 def inbound_file_name(dpid: int, timestamp_s: int, split: int | None, gzip: bool) -> str:
@@ -450,44 +448,29 @@ def valid_dpuuid(col: str | pl.Expr = "dpuuid") -> pl.Expr:
     return expr.is_not_null() & (expr.str.len_bytes() > 0) & ~expr.str.contains(r"[\t\r\n]")
 
 
-def inbound_lines(rows: pl.DataFrame, max_signals_per_line: int | None = None) -> pl.DataFrame:
+def inbound_lines(rows: pl.DataFrame) -> pl.DataFrame:
     """Inbound lines `<DPUUID>\\td_sid=...,d_unsid=...`, one per DPUUID, sorted by DPUUID.
 
     Adds come first, then removals, trait IDs ascending. Duplicate signals collapse; when
     one trait is both added and removed for a DPUUID (two segments sharing a trait), the add
-    wins because the profile still qualifies through the other segment. With
-    `max_signals_per_line`, a DPUUID's signals continue on further lines.
+    wins because the profile still qualifies through the other segment.
     Raises ValueError on an invalid DPUUID (`valid_dpuuid`), an action other than
-    add/remove, a null trait, or more than MAX_LINES_PER_DPUUID lines for one DPUUID.
+    add/remove or a null trait.
     """
-    if max_signals_per_line is not None and max_signals_per_line <= 0:
-        raise ValueError("max_signals_per_line must be positive")
     _check_inbound_rows(rows)
     is_add = pl.col("action") == "add"
     signal = (pl.when(pl.col("add")).then(pl.lit("d_sid=")).otherwise(pl.lit("d_unsid="))
               + pl.col("trait_id").cast(pl.String))
     # One row per (DPUUID, trait), the add winning; then adds first, traits ascending.
-    signals = (
+    return (
         rows.lazy()
         .group_by("dpuuid", pl.col("trait_id").cast(pl.Int64)).agg(add=is_add.any())
         .sort("dpuuid", ~pl.col("add"), "trait_id")
-    )
-    if max_signals_per_line is None:
-        return (signals.group_by("dpuuid", maintain_order=True)
-                .agg(_signal=signal.str.join(","))
-                .select(line=pl.col("dpuuid") + "\t" + pl.col("_signal"))
-                .collect())
-    chunk = pl.int_range(pl.len(), dtype=pl.UInt32).over("dpuuid") // max_signals_per_line
-    lines = (
-        signals.with_columns(_signal=signal, _chunk=chunk)
-        .group_by("dpuuid", "_chunk", maintain_order=True)
-        .agg(pl.col("_signal").str.join(","))
-        .sort("dpuuid", "_chunk")
+        .group_by("dpuuid", maintain_order=True)
+        .agg(_signal=signal.str.join(","))
+        .select(line=pl.col("dpuuid") + "\t" + pl.col("_signal"))
         .collect()
     )
-    if lines.filter(pl.col("_chunk") >= MAX_LINES_PER_DPUUID).height:
-        raise ValueError(f"a DPUUID needs more than {MAX_LINES_PER_DPUUID} lines")
-    return lines.select(line=pl.col("dpuuid") + "\t" + pl.col("_signal"))
 
 
 def _check_inbound_rows(rows: pl.DataFrame) -> None:
@@ -502,13 +485,3 @@ def _check_inbound_rows(rows: pl.DataFrame) -> None:
         bad = rows.filter(expr).height
         if bad:
             raise ValueError(f"{bad} inbound rows have {problem}")
-
-
-def split_lines(n_lines: int, max_lines_per_file: int) -> list[tuple[int, int]]:
-    """Half-open row ranges `(start, stop)` of each split file; [] for no lines."""
-    if max_lines_per_file <= 0:
-        raise ValueError("max_lines_per_file must be positive")
-    return [
-        (start, min(start + max_lines_per_file, n_lines))
-        for start in range(0, n_lines, max_lines_per_file)
-    ]

@@ -203,11 +203,6 @@ def load_key(value: str, *, name: str = "key") -> bytes:
     return _decode_secret(value, KEY_SIZES, f"{name} must be hex or Base64 of 16, 24 or 32 bytes")
 
 
-def load_iv(value: str, *, name: str = "iv") -> bytes:
-    """A fixed AES-CBC IV from hex or Base64 of 16 bytes (legacy Campaign set-ups)."""
-    return _decode_secret(value, (_BLOCK,), f"{name} must be hex or Base64 of 16 bytes")
-
-
 def _decode_secret(value: str, sizes: Sequence[int], message: str) -> bytes:
     text = value.strip()
     if len(text) in {2 * size for size in sizes} and re.fullmatch(r"[0-9A-Fa-f]+", text):

@@ -56,9 +56,6 @@ class Spill:
         parts = self.parts(name, bucket)
         return pl.scan_ipc(parts) if parts else None
 
-    def path(self, name: str) -> Path:
-        return self.folder / name
-
     def clear(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
         self.folder.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,6 @@ from polars.testing import assert_frame_equal
 
 from pipeline.errors import DeliveryFailed
 from pipeline.formats import (
-    MAX_LINES_PER_DPUUID,
     InfoEntry,
     InfoFile,
     OutboundName,
@@ -24,7 +23,6 @@ from pipeline.formats import (
     parse_lines,
     parse_outbound_name,
     render_info,
-    split_lines,
     valid_dpuuid,
 )
 from pipeline.stages import join
@@ -704,30 +702,6 @@ def test_inbound_lines_one_line_per_dpuuid_by_default() -> None:
     assert out["line"][0].count("d_sid=") == 1000
 
 
-def test_inbound_lines_chunked_at_200_signals() -> None:
-    rows = _inbound(
-        [("u", t, "add") for t in range(1, 451)]
-        + [("u", t, "remove") for t in range(1001, 1011)]
-        + [("v", 1, "add")]
-    )
-    out = inbound_lines(rows, max_signals_per_line=200)
-    signals = [line.split("\t")[1].split(",") for line in out["line"]]
-    assert [line.split("\t")[0] for line in out["line"]] == ["u", "u", "u", "v"]
-    assert [len(s) for s in signals] == [200, 200, 60, 1]
-    assert signals[0][0] == "d_sid=1"
-    assert signals[1][0] == "d_sid=201"
-    assert signals[2][49:51] == ["d_sid=450", "d_unsid=1001"]
-    assert signals[2][-1] == "d_unsid=1010"
-
-
-def test_inbound_lines_refuses_more_than_200_lines_per_dpuuid() -> None:
-    at_limit = _inbound([("u", t, "add") for t in range(1, MAX_LINES_PER_DPUUID + 1)])
-    assert inbound_lines(at_limit, max_signals_per_line=1).height == MAX_LINES_PER_DPUUID
-    over = _inbound([("u", t, "add") for t in range(1, MAX_LINES_PER_DPUUID + 2)])
-    with pytest.raises(ValueError, match="more than 200 lines"):
-        inbound_lines(over, max_signals_per_line=1)
-
-
 @pytest.mark.parametrize(
     ("rows", "problem"),
     [
@@ -756,23 +730,3 @@ def test_valid_dpuuid() -> None:
         False,
         True,
     ]
-
-
-@pytest.mark.parametrize(
-    ("n_lines", "max_lines", "expected"),
-    [
-        (0, 10, []),
-        (1, 10, [(0, 1)]),
-        (10, 10, [(0, 10)]),
-        (11, 10, [(0, 10), (10, 11)]),
-        (25, 10, [(0, 10), (10, 20), (20, 25)]),
-        (3, 1, [(0, 1), (1, 2), (2, 3)]),
-    ],
-)
-def test_split_lines(n_lines: int, max_lines: int, expected: list[tuple[int, int]]) -> None:
-    assert split_lines(n_lines, max_lines) == expected
-
-
-def test_split_lines_rejects_zero() -> None:
-    with pytest.raises(ValueError, match="max_lines_per_file"):
-        split_lines(5, 0)

@@ -23,7 +23,6 @@ from pipeline.identity import (
     decrypt_expr,
     decrypt_values,
     encrypt_value,
-    load_iv,
     load_key,
     normalize,
     normalize_crm,
@@ -348,13 +347,6 @@ def test_load_key_rejects_without_echoing(value: str) -> None:
     assert "DECLARED_ID_KEY must be hex or Base64 of 16, 24 or 32 bytes" in message
     assert not value or value not in message
     assert info.value.__cause__ is None and info.value.__context__ is None
-
-
-def test_load_iv() -> None:
-    assert load_iv(IV.hex()) == IV
-    assert load_iv(base64.b64encode(IV).decode()) == IV
-    with pytest.raises(ConfigError, match="16 bytes"):
-        load_iv(KEY.hex())
 
 
 # --- properties -----------------------------------------------------------------------------

@@ -12,7 +12,6 @@ from pipeline.config import FeedConfig
 from pipeline.formats import parse_lines
 
 _HEX64 = r"^\s*[0-9a-fA-F]{64}\s*$"
-REJECT_REASONS = ("format_error", "invalid_id", "decrypt_failure")
 BAD_UTF8 = "\ufffd"
 
 
