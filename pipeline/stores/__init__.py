@@ -1,89 +1,15 @@
-"""Stores: one small contract, one module per backend, picked by URL scheme.
+"""Stores: one small contract (`base`), one module per backend, picked by URL scheme.
 
 Paths given to a store are relative to its root and use '/' separators.
 """
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import BinaryIO, Protocol
+from pipeline.errors import ConfigError
+from pipeline.stores.base import Entry, Store, StoreOptions, checked, plain_entries, plain_path
 
-from pipeline.errors import ConfigError, FatalError
-
-log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Entry:
-    path: str  # relative to the store root, '/'-separated
-    size: int
-
-
-@dataclass(frozen=True)
-class StoreOptions:
-    """Connection options that are not part of the URL."""
-
-    known_hosts: str | None = None  # SFTP: known_hosts file; unknown hosts are refused
-    identity_file: str | None = None  # SFTP: private key file
-    sse: str | None = None  # S3: server-side encryption ("AES256" or "aws:kms")
-
-
-def plain_path(path: str) -> bool:
-    """A relative '/'-separated path without empty, '.' or '..' segments (or NUL): joined
-    onto a folder, it stays inside that folder."""
-    return bool(path) and "\0" not in path and all(
-        part not in ("", ".", "..") for part in path.split("/"))
-
-
-def checked(path: str) -> str:
-    """`path` (a leading '/' tolerated) if it is plain, else FatalError: no store operation
-    ever touches a path that could leave its root."""
-    rel = path.lstrip("/")
-    if not plain_path(rel):
-        raise FatalError(f"{path!r} is not a plain relative path; refused")
-    return rel
-
-
-def plain_entries(entries: Iterable[Entry], url: str) -> list[Entry]:
-    """Listing entries whose path is plain; the others are left out with a warning (an S3 key
-    or a server's file name is any string, `../../x` included)."""
-    kept, skipped = [], []
-    for entry in entries:
-        (kept if plain_path(entry.path) else skipped).append(entry)
-    if skipped:
-        log.warning("store=%s skipped=%d reason=not a plain relative path (empty, '.' or '..' "
-                    "segment) first=%r", url, len(skipped), skipped[0].path)
-    return kept
-
-
-class Store(Protocol):
-    url: str
-
-    def list(self, prefix: str = "") -> list[Entry]:
-        """Every file under prefix (recursive), sorted by path. Missing prefix -> []."""
-
-    def open_read(self, path: str) -> BinaryIO:
-        """A readable binary stream; use as a context manager."""
-
-    def read_bytes(self, path: str) -> bytes: ...
-
-    def exists(self, path: str) -> bool: ...
-
-    def write_bytes(self, path: str, data: bytes) -> None:
-        """Atomic: readers see the old object or the whole new one, never a part."""
-
-    def put_file(self, local_path: str, path: str) -> None:
-        """Atomic upload of a local file to path (same guarantee as write_bytes)."""
-
-    def rename(self, src: str, dst: str) -> None:
-        """Move src to dst, replacing dst."""
-
-    def delete(self, path: str) -> None:
-        """Remove a file; a missing file is not an error."""
-
-    def close(self) -> None: ...
+__all__ = ["Entry", "Store", "StoreOptions", "checked", "open_store", "plain_entries",
+           "plain_path"]
 
 
 def open_store(url: str, options: StoreOptions | None = None) -> Store:

@@ -12,7 +12,7 @@ from typing import BinaryIO
 from urllib.parse import unquote, urlsplit
 
 from pipeline.errors import FatalError
-from pipeline.stores import Entry, StoreOptions, checked
+from pipeline.stores.base import Entry, StoreOptions, checked
 
 log = logging.getLogger(__name__)
 
@@ -77,12 +77,6 @@ class LocalStore:
                 shutil.copyfileobj(src, out, 1 << 20)
 
         self._atomic_write(path, copy)
-
-    def rename(self, src: str, dst: str) -> None:
-        target = self._path(dst)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(self._path(src), target)
-        _fsync_dir(target.parent)
 
     def delete(self, path: str) -> None:
         self._path(path).unlink(missing_ok=True)

@@ -20,7 +20,7 @@ from botocore.exceptions import (
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from pipeline.errors import FatalError, StoreUnavailable
-from pipeline.stores import Entry, StoreOptions, checked, plain_entries
+from pipeline.stores.base import Entry, StoreOptions, checked, plain_entries
 
 MAX_ATTEMPTS = 4  # total attempts when AWS_MAX_ATTEMPTS / the AWS config file set none
 NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
@@ -94,16 +94,6 @@ class S3Store:
             self._client.upload_file(
                 local_path, self.bucket, self._key(path), ExtraArgs=self._extra or None
             )
-
-    def rename(self, src: str, dst: str) -> None:
-        with self._errors(src):
-            self._client.copy_object(
-                Bucket=self.bucket,
-                Key=self._key(dst),
-                CopySource={"Bucket": self.bucket, "Key": self._key(src)},
-                **self._extra,
-            )
-        self.delete(src)
 
     def delete(self, path: str) -> None:
         with self._errors(path):

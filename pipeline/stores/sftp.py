@@ -15,7 +15,7 @@ from urllib.parse import unquote, urlsplit
 import paramiko
 
 from pipeline.errors import ConfigError, FatalError, PipelineError, StoreUnavailable
-from pipeline.stores import Entry, StoreOptions, checked
+from pipeline.stores.base import Entry, StoreOptions, checked
 
 log = logging.getLogger(__name__)
 TIMEOUT = 10  # seconds, for connect, banner and authentication
@@ -142,11 +142,6 @@ class SftpStore:
 
     def put_file(self, local_path: str, path: str) -> None:
         self._atomic(path, lambda part: self._sftp.put(local_path, part))
-
-    def rename(self, src: str, dst: str) -> None:
-        with self._errors(src):
-            self._makedirs(posixpath.dirname(self._full(dst)))
-            self._replace(self._full(src), self._full(dst))
 
     def delete(self, path: str) -> None:
         with self._errors(path), suppress(FileNotFoundError):
