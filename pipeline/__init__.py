@@ -2,8 +2,6 @@
 
 import os
 
-__version__ = "0.1.0"
-
 # Polars' jemalloc keeps freed pages as "dirty" (500 ms) then "muzzy" (MADV_FREE, 1 s): muzzy
 # pages stay in RSS until the kernel feels memory pressure, and with three threads allocating
 # at once (read-ahead, resolve, snapshot index) RSS grew with input size: 30M lines peaked at

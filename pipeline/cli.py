@@ -7,8 +7,11 @@ import json
 import logging
 import os
 import sys
+import tomllib
 from collections.abc import Mapping, Sequence
 from datetime import date
+from importlib import metadata
+from pathlib import Path
 
 from pipeline.errors import ConfigError, PipelineError
 
@@ -44,6 +47,7 @@ def _fail(args: argparse.Namespace, exc: BaseException, code: int, prefix: str =
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="run_pipeline.py", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"audience-pipeline {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="process every complete delivery not yet processed")
@@ -84,6 +88,18 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--debug", action="store_true")
     gen.set_defaults(handler=_cmd_generate)
     return parser
+
+
+def version() -> str:
+    """The installed distribution's version; pyproject.toml's when running from a checkout."""
+    try:
+        return metadata.version("audience-pipeline")
+    except metadata.PackageNotFoundError:
+        pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
+        try:
+            return str(tomllib.loads(pyproject.read_text("utf-8"))["project"]["version"])
+        except (OSError, KeyError, tomllib.TOMLDecodeError):
+            return "unknown"
 
 
 def _common(p: argparse.ArgumentParser) -> None:

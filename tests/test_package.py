@@ -5,10 +5,15 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
 import zipfile
+from importlib import metadata
 from pathlib import Path
 
 import pytest
+
+from pipeline import cli
+from pipeline.cli import main
 
 
 def test_jemalloc_decay_is_set_before_polars_loads_and_user_value_wins() -> None:
@@ -79,3 +84,23 @@ def test_demo_and_generate_outside_the_checkout_fail_in_one_line(
     assert done.stderr == (f"error: {command[0]} needs the repository checkout and the demo "
                            "extra: make demo\n")
     assert not list(tmp_path.iterdir())
+
+
+def _pyproject_version() -> str:
+    return str(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"])
+
+
+def test_version_from_metadata(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out == f"audience-pipeline {_pyproject_version()}\n"
+
+
+def test_version_from_pyproject_when_not_installed(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def not_installed(name: str) -> str:
+        raise metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(cli.metadata, "version", not_installed)
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out == f"audience-pipeline {_pyproject_version()}\n"
