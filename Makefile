@@ -21,11 +21,12 @@ sshd:
 demo: deps sshd
 	$(PY) run_pipeline.py demo
 
-test: deps sshd
+test: lint sshd
 	$(PY) -m pytest -q
 
 lint: deps
-	$(PY) -m ruff check pipeline tests benchmarks
+	$(PY) -m ruff check pipeline localdev tests benchmarks
+	$(PY) -m mypy
 
 bench: deps
 	$(PY) benchmarks/bench_pipeline.py --lines 1000000

@@ -199,7 +199,7 @@ def _overlap(a: tuple[str, str, str], b: tuple[str, str, str]) -> bool:
 
 
 def _name(raw: Mapping[str, Any], where: str) -> str:
-    name = _req(raw, where, "name", str)
+    name: str = _req(raw, where, "name", str)
     if not NAME.fullmatch(name) or ".." in name:
         raise ConfigError(f"{where}.name: must be a plain name (letters, digits, '.', '_', "
                           "'-'; starting with a letter or digit; no '..'; at most 100 "
@@ -366,7 +366,8 @@ def _path_opt(raw: Mapping[str, Any], where: str, key: str, base_dir: Path) -> s
     return str(path)
 
 
-def _secret(env: Mapping[str, str], name: str, where: str, lengths=(16, 24, 32)) -> bytes:
+def _secret(env: Mapping[str, str], name: str, where: str,
+            lengths: tuple[int, ...] = (16, 24, 32)) -> bytes:
     from pipeline.identity import load_key
 
     value = env.get(name)

@@ -6,6 +6,7 @@ import sys
 from typing import Any
 
 from rich.console import Console
+from rich.status import Status
 from rich.table import Table
 
 from pipeline.report import COUNTS, DeliveryReport, RunReport
@@ -18,7 +19,7 @@ class Progress:
         self.enabled = enabled
         self.console = Console(stderr=True)
         self.done = 0
-        self._status = None
+        self._status: Status | None = None
 
     def __enter__(self) -> Progress:
         if self.enabled and self.console.is_terminal:

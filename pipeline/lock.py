@@ -7,6 +7,7 @@ import logging
 import os
 import socket
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from pipeline.errors import LockHeld
 from pipeline.stores import Store
@@ -57,13 +58,14 @@ class StateLock:
     def __exit__(self, *exc: object) -> None:
         self.release()
 
-    def _read(self) -> dict | None:
+    def _read(self) -> dict[str, Any] | None:
         if not self.store.exists(LOCK_PATH):
             return None
         try:
-            return json.loads(self.store.read_bytes(LOCK_PATH))
+            data = json.loads(self.store.read_bytes(LOCK_PATH))
         except ValueError:
             return {}
+        return data if isinstance(data, dict) else {}
 
     def _stale(self, lock: dict) -> bool:
         if lock.get("host") == socket.gethostname() and isinstance(lock.get("pid"), int):

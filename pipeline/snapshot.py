@@ -25,7 +25,7 @@ from pipeline.stages.join import (
     profile_table,
     unique_keys,
 )
-from pipeline.stores import open_store
+from pipeline.stores import Store, open_store
 from pipeline.stores.local import LocalStore
 from pipeline.tables import check_columns, check_rows, check_type, load_schema
 
@@ -67,7 +67,7 @@ class Snapshots:
         """Profile count of the as-of snapshot (Parquet metadata only)."""
         label, paths = _choose(self._files, as_of, self.location.url)
         local = [self._fetch(p) for p in paths]
-        return _scan(local, self.location.url).select(pl.len()).collect().item()
+        return int(_scan(local, self.location.url).select(pl.len()).collect().item())
 
     def index(self, as_of: date | None, kinds: tuple[str, ...], buckets: int,
               match_column: str | None = None) -> ProfileIndex:
@@ -87,7 +87,7 @@ class Snapshots:
 
     def _normalize(self, label: str, paths: list[str]) -> int:
         scan = _checked_scan([self._fetch(p) for p in paths], self.location.url, self.names)
-        total = scan.select(pl.len()).collect().item()
+        total: int = scan.select(pl.len()).collect().item()
         kinds = self.kinds
         name = _name("normalized", label)
         for offset in range(0, max(total, 1), SLICE_ROWS):
@@ -142,7 +142,7 @@ class Snapshots:
         self._store.close()
 
 
-def _open(location: Location):
+def _open(location: Location) -> tuple[Store, list[str]]:
     url = location.url
     if url.endswith(".parquet"):
         parent, base = url.rsplit("/", 1) if "/" in url else (".", url)

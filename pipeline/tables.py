@@ -22,7 +22,8 @@ _FAMILIES = {
 @cache
 def load_schema(name: str) -> dict[str, Any]:
     text = resources.files("pipeline.schemas").joinpath(f"{name}.json").read_text("utf-8")
-    return json.loads(text)
+    schema: dict[str, Any] = json.loads(text)
+    return schema
 
 
 def check_columns(schema: pl.Schema, name: str, where: str,

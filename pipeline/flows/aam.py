@@ -21,6 +21,7 @@ from pipeline.config import FeedConfig
 from pipeline.context import Context
 from pipeline.ledger import LedgerEntry
 from pipeline.report import DeliveryReport
+from pipeline.snapshot import ProfileIndex
 from pipeline.spill import Spill, key_bucket, text_bucket
 from pipeline.stages import join, publish, resolve
 from pipeline.stages.ingest import (
@@ -149,7 +150,10 @@ def ingest(ctx: Context, plan: Plan, source: Store, rep: DeliveryReport,
         _quarantine(ctx, plan)
 
 
-def match(plan: Plan, profiles, rep: DeliveryReport) -> None:
+AudienceWriter = publish.CampaignListWriter | publish.InboundWriter
+
+
+def match(plan: Plan, profiles: ProfileIndex, rep: DeliveryReport) -> None:
     """Pass 2: join each key bucket; spill segment mentions by profile (and contact) bucket."""
     for b in range(plan.buckets):
         rows = plan.spill.scan("resolved", b)
@@ -166,12 +170,13 @@ def match(plan: Plan, profiles, rep: DeliveryReport) -> None:
                 _b=text_bucket(pl.col("profile_id"), plan.buckets)).collect(), bucket="_b")
 
 
-def build(ctx: Context, plan: Plan, profiles, key: publish.DeliveryKey
+def build(ctx: Context, plan: Plan, profiles: ProfileIndex, key: publish.DeliveryKey
           ) -> dict[str, publish.Output]:
     """Pass 3: merge per profile bucket and feed every destination's writer."""
     workdir = plan.spill.folder / "out"
     workdir.mkdir(parents=True, exist_ok=True)
-    audience_writers, contact_writers = {}, {}
+    audience_writers: dict[str, AudienceWriter] = {}
+    contact_writers: dict[str, publish.ContactsWriter] = {}
     for dest in ctx.config.destinations:
         if dest.kind == "campaign_list":
             audience_writers[dest.name] = publish.CampaignListWriter(dest, key, workdir)
@@ -179,7 +184,8 @@ def build(ctx: Context, plan: Plan, profiles, key: publish.DeliveryKey
             audience_writers[dest.name] = publish.InboundWriter(dest, key, workdir)
         elif dest.kind == "no_profile_contacts":
             contact_writers[dest.name] = publish.ContactsWriter(dest, key, workdir)
-    writers = {**audience_writers, **contact_writers}
+    writers: dict[str, AudienceWriter | publish.ContactsWriter] = {
+        **audience_writers, **contact_writers}
     try:
         _fill(plan, profiles, audience_writers, contact_writers)
     except BaseException:
@@ -189,7 +195,8 @@ def build(ctx: Context, plan: Plan, profiles, key: publish.DeliveryKey
     return {name: w.finish() for name, w in writers.items()}
 
 
-def _fill(plan: Plan, profiles, audience_writers: dict, contact_writers: dict) -> None:
+def _fill(plan: Plan, profiles: ProfileIndex, audience_writers: dict[str, AudienceWriter],
+          contact_writers: dict[str, publish.ContactsWriter]) -> None:
     for b in range(plan.buckets):
         mentions = plan.spill.scan("mentions", b)
         if mentions is not None and audience_writers:
@@ -200,8 +207,8 @@ def _fill(plan: Plan, profiles, audience_writers: dict, contact_writers: dict) -
         contacts = plan.spill.scan("contacts", b)
         if contacts is not None and contact_writers:
             merged = join.merge_contacts(contacts).collect()
-            for writer in contact_writers.values():
-                writer.add(merged)
+            for contact_writer in contact_writers.values():
+                contact_writer.add(merged)
 
 
 def _quarantine(ctx: Context, plan: Plan) -> None:

@@ -103,7 +103,8 @@ def _delivery(store: Store, feed: str, folder: str, root: str, files: list[Outbo
         listed = tuple(DeliveryFile(n, sizes[n.path]) for n in files)
         return Delivery(feed, root, folder, listed, None, broken=f"{info_path}: {exc}")
     by_base = {posixpath.basename(n.path): n for n in files}
-    listed, problem = [], None
+    in_info: list[DeliveryFile] = []
+    problem = None
     for entry in sorted(info.files, key=info_order):
         name = by_base.get(posixpath.basename(entry.file_name))
         if name is None:
@@ -112,10 +113,10 @@ def _delivery(store: Store, feed: str, folder: str, root: str, files: list[Outbo
         if sizes[name.path] != entry.byte_size:
             problem = problem or (f"file {entry.file_name} has {sizes[name.path]} bytes, "
                                   f"control file says {entry.byte_size}")
-        listed.append(DeliveryFile(name, sizes[name.path], entry))
+        in_info.append(DeliveryFile(name, sizes[name.path], entry))
     if not info.files:
         problem = "control file lists no files"
-    return Delivery(feed, root, folder, tuple(listed), info, problem)
+    return Delivery(feed, root, folder, tuple(in_info), info, problem)
 
 
 CHUNK_BYTES = 32 << 20  # text per in-memory chunk: bounds memory whatever the file size

@@ -22,7 +22,7 @@ def profile_table(snapshot: pl.LazyFrame, default_country: str | None,
     """
     names = snapshot.collect_schema().names()
 
-    def col(name: str, dtype=pl.String) -> pl.Expr:
+    def col(name: str, dtype: pl.DataType | type[pl.DataType] = pl.String) -> pl.Expr:
         return pl.col(name).cast(dtype) if name in names else pl.lit(None, dtype)
 
     def flag(name: str) -> pl.Expr:

@@ -27,7 +27,7 @@ import polars as pl
 import pyarrow.parquet as pq
 
 from pipeline.config import DestinationConfig
-from pipeline.errors import DeliveryFailed
+from pipeline.errors import ConfigError, DeliveryFailed
 from pipeline.formats import inbound_file_name, inbound_folder, inbound_lines
 from pipeline.stores import Store
 from pipeline.tables import check_output
@@ -133,7 +133,9 @@ class InboundWriter:
             raise DeliveryFailed("no usable date: neither a TIMESTAMP in the name nor a date= "
                                  "folder, or one before 2000-01-01 (destinations."
                                  f"{dest.name} files AAM inbound files by date)")
-        self.dest, self.key, self.ts = dest, key, key.timestamp_s
+        if dest.dpid is None:  # config requires it for aam_inbound
+            raise ConfigError(f"destination {dest.name!r}: dpid is required for aam_inbound")
+        self.dest, self.key, self.ts, self.dpid = dest, key, key.timestamp_s, dest.dpid
         workdir.mkdir(parents=True, exist_ok=True)
         self.workdir = Path(tempfile.mkdtemp(prefix=f"{dest.name}-", dir=workdir))
         self.lines = 0
@@ -175,7 +177,7 @@ class InboundWriter:
                                  f"delivery, at most {PARTS - 1}; raise max_lines_per_file")
         folder = inbound_folder(self.ts)
         for n, local in enumerate(parts, start=1):
-            name = inbound_file_name(self.dest.dpid, self.ts, self.key.tag * PARTS + n,
+            name = inbound_file_name(self.dpid, self.ts, self.key.tag * PARTS + n,
                                      self.dest.gzip)
             self.out.files.append((f"{folder}/{name}", local))
         return self.out

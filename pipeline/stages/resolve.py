@@ -9,6 +9,7 @@ import polars as pl
 
 from pipeline import identity
 from pipeline.config import FeedConfig
+from pipeline.errors import ConfigError
 from pipeline.formats import parse_lines
 
 _HEX64 = r"^\s*[0-9a-fA-F]{64}\s*$"
@@ -90,6 +91,9 @@ def _decrypted(frame: pl.LazyFrame, feed: FeedConfig, country: str | None,
     # Under auto only a valid ID counts, so tokens too short to hold one are not tried
     # (a Base64 SHA-256 is 32 bytes: a GCM token of 4 plaintext bytes, never an email).
     # A 64-hex value is a hash: a token's Base64 is never all hex digits ((16/64)^64).
+    if feed.decryption is None or feed.key is None:  # config requires both for this encoding
+        raise ConfigError(f"feed {feed.name!r}: id_encoding {feed.id_encoding!r} needs "
+                          "decryption and key_env")
     min_plain = identity.min_id_bytes(feed.kinds) if feed.id_encoding == "auto" else 0
     candidates = pl.when(~ident.str.contains(_HEX64)).then(ident)
     # Materialized once: the UDFs (AES, phone parsing) must not run again in every branch.

@@ -50,7 +50,8 @@ def checked(path: str) -> str:
 def plain_entries(entries: Iterable[Entry], url: str) -> list[Entry]:
     """Listing entries whose path is plain; the others are left out with a warning (an S3 key
     or a server's file name is any string, `../../x` included)."""
-    kept, skipped = [], []
+    kept: list[Entry] = []
+    skipped: list[Entry] = []
     for entry in entries:
         (kept if plain_path(entry.path) else skipped).append(entry)
     if skipped:
