@@ -185,6 +185,11 @@ CASES: list[tuple[str, dict[tuple[Any, ...], Any], bool, bool]] = [
      False, False),
     ("unsupported scheme", {(*D, "target"): "https://x/y"}, False, False),
     ("blank location", {("state", "location"): "  "}, False, False),
+    ("feed name with a slash", {(*F, "name"): "a/b"}, False, False),
+    ("destination name with ..", {(*D, "name"): "a..b"}, False, False),
+    ("dpid above 2^31-1", {D: {**INBOUND, "dpid": 2**31}}, False, False),
+    ("trait ID above 2^31-1", {D: {**INBOUND, "segments": {"111": 2**31}}}, False, False),
+    ("segment ID above 2^32-1", {(*D, "segments"): [2**32]}, False, False),
     # what only the code can check: the environment, files, names across tables
     ("key variable not set", {(*F, "id_encoding"): "encrypted", (*F, "decryption"): "aes-gcm",
                               (*F, "key_env"): "UNSET"}, True, False),
@@ -192,6 +197,7 @@ CASES: list[tuple[str, dict[tuple[Any, ...], Any], bool, bool]] = [
                                (*F, "identity_file"): "id_ed25519"}, True, False),
     ("duplicate feed names", {("feeds", 1): {"name": "emails", "source": "in"}}, True, False),
     ("export feed without audiences", {(*F, "kind"): "campaign_export"}, True, False),
+    ("target inside the state folder", {(*D, "target"): "state/out"}, True, False),
 ]
 
 
