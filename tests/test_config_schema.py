@@ -15,7 +15,7 @@ from typing import Any
 import jsonschema
 import pytest
 
-from pipeline.config import parse_config
+from pipeline.config import PROFILE_COLUMNS, parse_config
 from pipeline.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -61,6 +61,10 @@ def schema_node(section: str) -> dict[str, Any]:
         if "$ref" in node:
             node = SCHEMA["$defs"][node["$ref"].rsplit("/", 1)[1]]
     return node
+
+
+def test_profile_columns_in_the_schema_are_config_pys() -> None:
+    assert set(schema_node("profiles.columns")["properties"]) == set(PROFILE_COLUMNS)
 
 
 def test_schema_is_valid_draft_2020_12() -> None:
@@ -139,6 +143,11 @@ CASES: list[tuple[str, dict[tuple[Any, ...], Any], bool, bool]] = [
                                      "target": "s3://secure/c", "sse": "aws:kms"}}, True, True),
     ("contacts on SFTP", {D: {"name": "c", "kind": "no_profile_contacts",
                               "target": "sftp://u@h/c", **SFTP}}, True, True),
+    ("Campaign column names", {("profiles", "columns"): {
+        "profile_id": "iRecipientId", "email": "sEmail", "phone": "sMobilePhone",
+        "blacklisted": "iBlackList"}}, True, True),
+    ("crm feed reconciling on its own column", {(*F, "id_kind"): ["crm"],
+                                                (*F, "match_column"): "sLoyaltyId"}, True, True),
     ("file URL and profiles country", {("state", "location"): "file:///tmp/state",
                                        ("profiles", "default_country"): "FR"}, True, True),
     # refused by both
@@ -185,6 +194,12 @@ CASES: list[tuple[str, dict[tuple[Any, ...], Any], bool, bool]] = [
      False, False),
     ("unsupported scheme", {(*D, "target"): "https://x/y"}, False, False),
     ("blank location", {("state", "location"): "  "}, False, False),
+    ("unknown product column", {("profiles", "columns"): {"mail": "sEmail"}}, False, False),
+    ("blank snapshot column", {("profiles", "columns"): {"email": " "}}, False, False),
+    ("match_column on an email feed", {(*F, "match_column"): "sLoyaltyId"}, False, False),
+    ("match_column on an export feed", {(*F, "kind"): "campaign_export", (*F, "id_kind"): "crm",
+                                        (*F, "match_column"): "x",
+                                        D: {**INBOUND, "audiences": {"vip": 1}}}, False, False),
     ("feed name with a slash", {(*F, "name"): "a/b"}, False, False),
     ("destination name with ..", {(*D, "name"): "a..b"}, False, False),
     ("dpid above 2^31-1", {D: {**INBOUND, "dpid": 2**31}}, False, False),
