@@ -354,7 +354,12 @@ def render_info(entries: Iterable[InfoEntry], root: str) -> str:
 # Segment lines: `USER_ID<SPACE>SEG,SEG,...[<SPACE>REMOVED,...]`
 # --------------------------------------------------------------------------------------------
 
-FORMAT_ERRORS = ("no_user_id", "too_many_fields", "no_segments", "bad_segment", "segment_zero")
+FORMAT_ERRORS = ("line_too_long", "no_user_id", "too_many_fields", "no_segments", "bad_segment",
+                 "segment_zero")
+# A line holds one ID and at most a few thousand segments; anything longer is not AAM's. The
+# reader never holds more than this of one line, and quarantine keeps only its start.
+MAX_LINE_BYTES = 64 << 10
+QUARANTINED_LINE_CHARS = 1024
 _SEGMENT = r"^[0-9]+$"  # ASCII only: Rust's \d would accept other scripts' digits
 _EMPTY_SEGMENTS = pl.lit([], dtype=pl.List(pl.String))
 
@@ -384,7 +389,9 @@ def parse_lines(lines: pl.LazyFrame) -> pl.LazyFrame:
     fields = pl.col("_fields")
     added_s, removed_s = pl.col("_added_s"), pl.col("_removed_s")
     error = (
-        pl.when(fields.list.first() == "")
+        pl.when(pl.col("line").str.len_bytes() > MAX_LINE_BYTES)
+        .then(pl.lit("line_too_long"))
+        .when(fields.list.first() == "")
         .then(pl.lit("no_user_id"))
         .when(fields.list.len() > 3)
         .then(pl.lit("too_many_fields"))

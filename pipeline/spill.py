@@ -32,6 +32,7 @@ class Spill:
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self._parts: dict[str, int] = {}
+        self._rows: dict[tuple[str, int], list[tuple[Path, int]]] = {}  # (name, bucket)
 
     def write(self, name: str, frame: pl.DataFrame, bucket: str | None = None) -> None:
         """Append frame; with `bucket`, rows go to the part of their bucket column."""
@@ -45,6 +46,7 @@ class Spill:
             target = self.folder / name / f"b={b}" / f"{part:06d}.arrow"
             target.parent.mkdir(parents=True, exist_ok=True)
             rows.write_ipc(target, compression="uncompressed")
+            self._rows.setdefault((name, int(b)), []).append((target, rows.height))
 
     def parts(self, name: str, bucket: int = 0) -> list[Path]:
         """Part files of one bucket in write order."""
@@ -56,7 +58,25 @@ class Spill:
         parts = self.parts(name, bucket)
         return pl.scan_ipc(parts) if parts else None
 
+    def batches(self, name: str, bucket: int, max_rows: int) -> list[pl.LazyFrame]:
+        """The parts of one bucket in write order, grouped into scans of about `max_rows`
+        rows (one part may exceed it): a bucket of any size is processed in bounded memory.
+        Only parts written by this Spill object are known."""
+        out: list[pl.LazyFrame] = []
+        batch: list[Path] = []
+        rows = 0
+        for path, height in self._rows.get((name, bucket), []):
+            if batch and rows + height > max_rows:
+                out.append(pl.scan_ipc(batch))
+                batch, rows = [], 0
+            batch.append(path)
+            rows += height
+        if batch:
+            out.append(pl.scan_ipc(batch))
+        return out
+
     def clear(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
         self.folder.mkdir(parents=True, exist_ok=True)
         self._parts.clear()
+        self._rows.clear()

@@ -19,6 +19,7 @@ import polars as pl
 
 from pipeline.config import FeedConfig
 from pipeline.context import Context
+from pipeline.formats import QUARANTINED_LINE_CHARS
 from pipeline.ledger import LedgerEntry
 from pipeline.report import DeliveryReport
 from pipeline.snapshot import ProfileIndex
@@ -36,6 +37,11 @@ from pipeline.stores import Store
 log = logging.getLogger(__name__)
 LINES_PER_BUCKET = 1_000_000  # resolved rows held in memory at once
 PROFILES_PER_BUCKET = 1_000_000
+# Rows handled at once in passes 2 and 3. A bucket holds ~LINES_PER_BUCKET rows whatever the
+# input size, but not whatever the key distribution: one key in every line puts them all in
+# one bucket, which is then processed in batches. Above any normal bucket's size.
+ROWS_PER_BATCH = 2 * LINES_PER_BUCKET
+MENTIONS_PER_BATCH = 8_000_000
 RESOLVED = ("key", "file_seq", "line_no", "added", "removed", "contact")
 
 
@@ -142,9 +148,13 @@ def ingest(ctx: Context, plan: Plan, source: Store, rep: DeliveryReport,
         for name, value in resolve.count_rejects(resolved).items():
             setattr(rep, name, getattr(rep, name) + value)
         ok = pl.col("reject").is_null()
-        plan.spill.write("rejects", resolved.filter(~ok).select(
-            "file_seq", "line_no", "reject", "line"))
-        plan.spill.write("resolved", resolved.filter(ok).select(RESOLVED).with_columns(
+        if not ctx.options.dry_run:  # raw lines for quarantine only
+            plan.spill.write("rejects", resolved.filter(~ok).select(
+                "file_seq", "line_no", "reject", line=_quarantined_line()))
+        # Decrypted addresses reach the disk only for a destination that publishes them.
+        columns = RESOLVED if plan.contacts else RESOLVED[:-1]
+        rows = join.collapse_repeats(resolved.filter(ok).select(columns))
+        plan.spill.write("resolved", rows.with_columns(
             _b=key_bucket(pl.col("key"), plan.buckets)), bucket="_b")
     if rep.rejected and not ctx.options.dry_run:
         _quarantine(ctx, plan)
@@ -153,21 +163,33 @@ def ingest(ctx: Context, plan: Plan, source: Store, rep: DeliveryReport,
 AudienceWriter = publish.CampaignListWriter | publish.InboundWriter
 
 
+def _quarantined_line() -> pl.Expr:
+    """The raw line; of an over-long line only its start (bounded quarantine rows)."""
+    line = pl.col("line")
+    return (pl.when(pl.col("reject") == "line_too_long")
+            .then(line.str.slice(0, QUARANTINED_LINE_CHARS)).otherwise(line))
+
+
 def match(plan: Plan, profiles: ProfileIndex, rep: DeliveryReport) -> None:
     """Pass 2: join each key bucket; spill segment mentions by profile (and contact) bucket."""
     for b in range(plan.buckets):
-        rows = plan.spill.scan("resolved", b)
-        if rows is None:
-            continue
-        joined = join.match(rows, profiles.keys(b)).collect()
-        for name, value in join.count_matches(joined).items():
-            setattr(rep, name, getattr(rep, name) + value)
-        lazy = joined.lazy()
-        plan.spill.write("mentions", join.segment_rows(lazy).with_columns(
+        batches = plan.spill.batches("resolved", b, ROWS_PER_BATCH)
+        keys = profiles.keys(b)
+        if len(batches) > 1:  # a hot bucket: its profile keys are read once, not per batch
+            keys = keys.collect().lazy()
+        for rows in batches:
+            _match_batch(plan, join.match(rows, keys).collect(), rep)
+
+
+def _match_batch(plan: Plan, joined: pl.DataFrame, rep: DeliveryReport) -> None:
+    for name, value in join.count_matches(joined).items():
+        setattr(rep, name, getattr(rep, name) + value)
+    lazy = joined.lazy()
+    plan.spill.write("mentions", join.segment_rows(lazy).with_columns(
+        _b=text_bucket(pl.col("profile_id"), plan.buckets)).collect(), bucket="_b")
+    if plan.contacts:
+        plan.spill.write("contacts", join.contact_rows(lazy).with_columns(
             _b=text_bucket(pl.col("profile_id"), plan.buckets)).collect(), bucket="_b")
-        if plan.contacts:
-            plan.spill.write("contacts", join.contact_rows(lazy).with_columns(
-                _b=text_bucket(pl.col("profile_id"), plan.buckets)).collect(), bucket="_b")
 
 
 def build(ctx: Context, plan: Plan, profiles: ProfileIndex, key: publish.DeliveryKey
@@ -198,17 +220,26 @@ def build(ctx: Context, plan: Plan, profiles: ProfileIndex, key: publish.Deliver
 def _fill(plan: Plan, profiles: ProfileIndex, audience_writers: dict[str, AudienceWriter],
           contact_writers: dict[str, publish.ContactsWriter]) -> None:
     for b in range(plan.buckets):
-        mentions = plan.spill.scan("mentions", b)
+        mentions = _mentions(plan.spill, "mentions", b)
         if mentions is not None and audience_writers:
             audience = join.merge_segments(mentions).collect()
             attrs = profiles.attributes(b)
             for writer in audience_writers.values():
                 writer.add(audience, attrs)
-        contacts = plan.spill.scan("contacts", b)
+        contacts = _mentions(plan.spill, "contacts", b)
         if contacts is not None and contact_writers:
             merged = join.merge_contacts(contacts).collect()
             for contact_writer in contact_writers.values():
                 contact_writer.add(merged)
+
+
+def _mentions(spill: Spill, name: str, bucket: int) -> pl.LazyFrame | None:
+    """One bucket's segment mentions; a bucket too big to merge at once (one profile in
+    millions of lines) is first reduced batch by batch."""
+    batches = spill.batches(name, bucket, MENTIONS_PER_BATCH)
+    if len(batches) <= 1:
+        return batches[0] if batches else None
+    return pl.concat([join.reduce_mentions(rows).collect() for rows in batches]).lazy()
 
 
 def _quarantine(ctx: Context, plan: Plan) -> None:

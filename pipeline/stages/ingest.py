@@ -16,6 +16,7 @@ import polars as pl
 
 from pipeline.errors import DeliveryFailed, IncompleteDelivery
 from pipeline.formats import (
+    MAX_LINE_BYTES,
     InfoEntry,
     InfoFile,
     OutboundName,
@@ -120,7 +121,9 @@ def _delivery(store: Store, feed: str, folder: str, root: str, files: list[Outbo
 
 
 CHUNK_BYTES = 32 << 20  # text per in-memory chunk: bounds memory whatever the file size
-_BLOCK = 8 << 20
+CHUNK_LINES = 500_000  # and lines per chunk: short lines must not make a chunk of millions
+_BLOCK = 8 << 20  # bytes read from the store at a time
+_PIECE = 1 << 20  # decompressed bytes handled at a time (a 0.5 MB gzip may hold gigabytes)
 
 
 def read_chunks(store: Store, delivery: Delivery,
@@ -129,6 +132,8 @@ def read_chunks(store: Store, delivery: Delivery,
 
     Size, md5 and line count are checked as each file ends, so a bad file raises only after
     its earlier chunks were yielded: callers must not publish before the iterator is done.
+    A line longer than MAX_LINE_BYTES is cut to a little over that length (the parser marks
+    it `line_too_long`); the rest of it is skipped as it streams by, never held.
     """
     for seq, file in enumerate(delivery.files, start=1):
         yield from _file_chunks(store, file, seq, chunk_bytes or CHUNK_BYTES)
@@ -188,29 +193,90 @@ def _file_chunks(store: Store, file: DeliveryFile, seq: int,
     md5 = hashlib.md5()  # noqa: S324 - AAM's control files use md5
     size, lines, bad_utf8 = 0, 0, False
     unzip = _Gunzip(base) if file.name.gzip else None
-    pending = bytearray()
+    pending = _Pending()
+    piece_bytes = min(_PIECE, chunk_bytes)
     with store.open_read(file.name.path) as stream:
         while block := stream.read(_BLOCK):
             size += len(block)
             md5.update(block)
-            pending += unzip.feed(block) if unzip else block
-            cut = pending.rfind(b"\n") + 1 if len(pending) >= chunk_bytes else 0
-            if cut:
-                frame, bad = _frame(pending, cut, seq, lines)
-                del pending[:cut]
-                lines, bad_utf8 = lines + frame.height, bad_utf8 or bad
-                yield frame
+            pieces = unzip.feed(block, piece_bytes) if unzip else _split(block, piece_bytes)
+            for piece in pieces:
+                pending.add(piece)
+                if pending.full(chunk_bytes):
+                    frame, bad = _frame(pending.buffer, pending.line_start, seq, lines)
+                    pending.take()
+                    lines, bad_utf8 = lines + frame.height, bad_utf8 or bad
+                    yield frame
     if unzip:
         unzip.finish()
-    if pending:
-        if not pending.endswith(b"\n"):
-            pending += b"\n"
-        frame, bad = _frame(pending, len(pending), seq, lines)
+    if pending.buffer:
+        pending.end()
+        frame, bad = _frame(pending.buffer, len(pending.buffer), seq, lines)
         lines, bad_utf8 = lines + frame.height, bad_utf8 or bad
         yield frame
     _verify(file, base, size, md5.hexdigest(), lines)
     if bad_utf8:
         log.warning("file=%s bad_utf8_lines_present", base)
+
+
+def _split(block: bytes, size: int) -> Iterator[bytes]:
+    for start in range(0, len(block), size):
+        yield block[start:start + size]
+
+
+class _Pending:
+    """Text not yet chunked: whole lines, then the start of the line still arriving.
+
+    A line that grows past MAX_LINE_BYTES (+4) is cut at a character boundary, still longer
+    than the limit so the parser rejects it, and the rest of it is dropped until its line end.
+    """
+
+    _KEEP = MAX_LINE_BYTES + 4  # a UTF-8 character has at most 4 bytes
+
+    def __init__(self) -> None:
+        self.buffer = bytearray()
+        self.line_start = 0  # where the unfinished last line starts
+        self.newlines = 0
+        self.skipping = False  # inside the dropped rest of an over-long line
+
+    def add(self, piece: bytes) -> None:
+        if self.skipping:
+            end = piece.find(b"\n")
+            if end < 0:
+                return
+            piece, self.skipping = piece[end + 1:], False
+        before = len(self.buffer)
+        self.buffer += piece
+        last = self.buffer.rfind(b"\n", before)
+        if last >= 0:
+            self.newlines += piece.count(b"\n")
+            self.line_start = last + 1
+        if len(self.buffer) - self.line_start > self._KEEP:
+            self._cut()
+
+    def _cut(self) -> None:
+        end = self.line_start + self._KEEP
+        while self.buffer[end] & 0xC0 == 0x80:  # not inside a character
+            end -= 1
+        del self.buffer[end:]
+        self.buffer += b"\n"
+        self.newlines += 1
+        self.line_start = len(self.buffer)
+        self.skipping = True
+
+    def full(self, chunk_bytes: int) -> bool:
+        return self.line_start > 0 and (len(self.buffer) >= chunk_bytes
+                                        or self.newlines >= CHUNK_LINES)
+
+    def take(self) -> None:
+        """Drop the whole lines just turned into a frame."""
+        del self.buffer[:self.line_start]
+        self.line_start, self.newlines = 0, 0
+
+    def end(self) -> None:
+        """The file ended: its last line needs no line end."""
+        if not self.buffer.endswith(b"\n"):
+            self.buffer += b"\n"
 
 
 def _verify(file: DeliveryFile, base: str, size: int, md5: str, lines: int) -> None:
@@ -249,17 +315,24 @@ class _Gunzip:
         self.base = base
         self._z = zlib.decompressobj(wbits=31)
 
-    def feed(self, block: bytes) -> bytes:
-        out = bytearray()
+    def feed(self, block: bytes, size: int) -> Iterator[bytes]:
+        """The text of `block` in pieces of at most `size` bytes."""
+        data = block
         try:
-            out += self._z.decompress(block)
-            while self._z.eof and self._z.unused_data:
-                rest = self._z.unused_data
-                self._z = zlib.decompressobj(wbits=31)
-                out += self._z.decompress(rest)
+            while True:
+                out = self._z.decompress(data, size)
+                if out:
+                    yield out
+                data = self._z.unconsumed_tail
+                if self._z.eof:
+                    if not self._z.unused_data:
+                        return
+                    data = self._z.unused_data
+                    self._z = zlib.decompressobj(wbits=31)
+                elif not data and len(out) < size:
+                    return
         except zlib.error as exc:
             raise DeliveryFailed(f"{self.base}: corrupt gzip ({exc})") from None
-        return bytes(out)
 
     def finish(self) -> None:
         if not self._z.eof:

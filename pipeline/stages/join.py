@@ -97,13 +97,15 @@ def match(resolved: pl.LazyFrame, keys: pl.LazyFrame) -> pl.LazyFrame:
 
 
 def count_matches(joined: pl.DataFrame) -> dict[str, int]:
-    """matched / unmatched / suppressed over resolved (not rejected) rows."""
+    """matched / unmatched / suppressed over resolved (not rejected) rows; a row stands for
+    `lines` input lines where `collapse_repeats` made it."""
     ok = pl.col("reject").is_null() if "reject" in joined.columns else pl.lit(True)
     found = pl.col("profile_id").is_not_null()
+    lines = pl.col("lines") if "lines" in joined.columns else pl.lit(1, pl.UInt32)
     row = joined.select(
-        matched=(ok & found).sum(),
-        unmatched=(ok & ~found).sum(),
-        suppressed=(ok & found & pl.col("suppressed")).sum(),
+        matched=lines.filter(ok & found).sum(),
+        unmatched=lines.filter(ok & ~found).sum(),
+        suppressed=lines.filter(ok & found & pl.col("suppressed")).sum(),
     ).row(0, named=True)
     return {k: int(v or 0) for k, v in row.items()}
 
@@ -112,6 +114,57 @@ def count_matches(joined: pl.DataFrame) -> dict[str, int]:
 MATCHED_ON = ("ecid", "email", "phone", "crm", "contact")
 _MATCH_BITS = 3
 _LINE_BITS = 33  # line numbers below 2**32, then one bit for add/remove
+
+
+def _line_order(file_seq: pl.Expr, line_no: pl.Expr) -> pl.Expr:
+    return file_seq.cast(pl.UInt64) * (1 << _LINE_BITS) + line_no.cast(pl.UInt64) * 2
+
+
+_SEGMENTS = pl.List(pl.UInt32)
+
+
+def collapse_repeats(resolved: pl.DataFrame) -> pl.DataFrame:
+    """Lines of a key seen more than once in `resolved` -> one row per (key, segment): the
+    mention that wins the merge (later line; within a line the removal), as a one-segment
+    line. `lines` holds how many input lines a row stands for (a key's count on its first
+    row, 0 on the others), so the match counts still add up.
+
+    Only done when most rows of the chunk repeat a key: millions of copies of one line
+    become a few rows per chunk (less to spill, join and merge); the merge gives the same
+    result as on the raw lines.
+    """
+    keys = resolved.get_column("key")
+    if len(keys) < 2 or keys.hash().n_unique() > len(keys) // 2:
+        # Few repeats (the usual case, checked cheaply): batching in the later passes bounds
+        # memory already, and finding the repeats costs more than it saves.
+        return resolved.with_columns(lines=pl.lit(1, pl.UInt32))
+    repeated = keys.is_duplicated()
+    once = resolved.filter(~repeated).with_columns(lines=pl.lit(1, pl.UInt32))
+    if once.height == resolved.height:
+        return once
+    many = resolved.filter(repeated)
+    extra = [c for c in many.columns if c not in ("key", "file_seq", "line_no", "added",
+                                                   "removed")]  # per key (contact)
+    line = _line_order(pl.col("file_seq"), pl.col("line_no"))
+    mentions = pl.concat([
+        many.select("key", *extra, segment=pl.col("added"), order=line),
+        many.select("key", *extra, segment=pl.col("removed"), order=line + 1),
+    ]).explode("segment").drop_nulls("segment")
+    order = pl.col("order")
+    one = pl.concat_list(pl.col("segment").cast(pl.UInt32))
+    none = pl.lit([], dtype=_SEGMENTS)
+    last = (mentions.group_by("key", "segment")
+            .agg(order.max(), *(pl.col(c).first() for c in extra))
+            .join(many.group_by("key").agg(_n=pl.len()), on="key")
+            .sort("key", "segment"))  # deterministic spill content
+    return last.with_columns(
+        file_seq=(order // (1 << _LINE_BITS)).cast(pl.UInt32),
+        line_no=(order % (1 << _LINE_BITS) // 2).cast(pl.UInt32),
+        added=pl.when(order % 2 == 0).then(one).otherwise(none),
+        removed=pl.when(order % 2 == 1).then(one).otherwise(none),
+        lines=pl.when(pl.int_range(pl.len()).over("key") == 0).then(pl.col("_n"))
+        .otherwise(0).cast(pl.UInt32),
+    ).select(once.columns).vstack(once)
 
 
 def segment_rows(joined: pl.LazyFrame) -> pl.LazyFrame:
@@ -123,8 +176,7 @@ def segment_rows(joined: pl.LazyFrame) -> pl.LazyFrame:
     then how the profile was matched (one line has one ID, so this never decides the order).
     """
     rows = joined.filter(pl.col("profile_id").is_not_null() & ~pl.col("suppressed"))
-    line = (pl.col("file_seq").cast(pl.UInt64) * (1 << _LINE_BITS)
-            + pl.col("line_no").cast(pl.UInt64) * 2)
+    line = _line_order(pl.col("file_seq"), pl.col("line_no"))
     matched = pl.col("matched_on").cast(pl.Enum(MATCHED_ON)).to_physical().cast(pl.UInt64)
 
     def mentions(column: str, removal: int) -> pl.LazyFrame:
@@ -136,6 +188,12 @@ def segment_rows(joined: pl.LazyFrame) -> pl.LazyFrame:
         .explode("segment_id")
         .filter(pl.col("segment_id").is_not_null())
     )
+
+
+def reduce_mentions(rows: pl.LazyFrame) -> pl.LazyFrame:
+    """Segment mentions -> the winning mention per (profile_id, segment_id), same columns:
+    merging part by part then merging the parts' results gives the whole merge's answer."""
+    return rows.group_by("profile_id", "segment_id").agg(pl.col("order").max())
 
 
 def merge_segments(rows: pl.LazyFrame) -> pl.LazyFrame:

@@ -20,8 +20,10 @@ def parse(lines: pl.LazyFrame) -> pl.LazyFrame:
     """Segment lines -> user_id/added/removed/format_error; blank lines dropped."""
     parsed = parse_lines(lines)
     bad_utf8 = pl.col("line").str.contains(BAD_UTF8, literal=True)
+    too_long = pl.col("format_error") == "line_too_long"
     return parsed.with_columns(
-        format_error=pl.when(bad_utf8).then(pl.lit("bad_utf8")).otherwise(pl.col("format_error"))
+        format_error=pl.when(bad_utf8 & ~too_long.fill_null(False)).then(pl.lit("bad_utf8"))
+        .otherwise(pl.col("format_error"))
     )
 
 
