@@ -88,7 +88,7 @@ def execute(config: Config, options: RunOptions, now: datetime | None = None,
             ctx.ledger.save_run(run_id, report.to_dict())
     finally:
         if lock is not None:
-            lock.release()
+            _release(lock)
         for store in stores:
             _close(store)
         shutil.rmtree(workdir, ignore_errors=True)
@@ -192,6 +192,15 @@ def _record(ctx: Context, rep: DeliveryReport, files: dict[str, str]) -> None:
         counts=rep.counts(), outputs=rep.outputs, run_id=ctx.run_id, reason=rep.reason,
         date=rep.date,
     ))
+
+
+def _release(lock: StateLock) -> None:
+    """Release the state lock; failing to must not hide how the run itself ended (the lease
+    then lapses, and a run of this host takes the lock over as soon as this process ends)."""
+    try:
+        lock.release()
+    except (PipelineError, OSError) as exc:
+        log.error("lock=release_failed error=%s", exc)
 
 
 def _keep(stores: list[Any], store: Any) -> Any:

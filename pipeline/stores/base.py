@@ -76,6 +76,11 @@ class Store(Protocol):
     def write_bytes(self, path: str, data: bytes) -> None:
         """Atomic: readers see the old object or the whole new one, never a part."""
 
+    def create_exclusive(self, path: str, data: bytes) -> bool:
+        """Create path with data only if it does not exist: True if this call created it,
+        False if it existed. Atomic (of two racing calls exactly one gets True) and whole
+        (readers never see a part of data)."""
+
     def put_file(self, local_path: str, path: str) -> None:
         """Atomic upload of a local file to path (same guarantee as write_bytes)."""
 

@@ -71,6 +71,26 @@ class LocalStore:
     def write_bytes(self, path: str, data: bytes) -> None:
         self._atomic_write(path, lambda out: out.write(data))
 
+    def create_exclusive(self, path: str, data: bytes) -> bool:
+        """Written to a temp file, then hard-linked to path: link(2) fails if path exists,
+        and the file appears with all its content (O_EXCL alone would show it empty first)."""
+        target = self._path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        temp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.part")
+        try:
+            with temp.open("xb") as out:
+                out.write(data)
+                out.flush()
+                os.fsync(out.fileno())
+            try:
+                os.link(temp, target)
+            except FileExistsError:
+                return False
+        finally:
+            temp.unlink(missing_ok=True)
+        _fsync_dir(target.parent)
+        return True
+
     def put_file(self, local_path: str, path: str) -> None:
         def copy(out: BinaryIO) -> None:
             with open(local_path, "rb") as src:

@@ -25,6 +25,7 @@ from pipeline.stores.base import Entry, StoreOptions, checked, plain_entries
 MAX_ATTEMPTS = 4  # total attempts when AWS_MAX_ATTEMPTS / the AWS config file set none
 NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
 DENIED = {"AccessDenied", "403", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch"}
+CONFLICT = {"PreconditionFailed", "ConditionalRequestConflict"}
 THROTTLED = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout"}
 
 
@@ -88,6 +89,17 @@ class S3Store:
                 Bucket=self.bucket, Key=self._key(path), Body=data, **self._extra
             )
 
+    def create_exclusive(self, path: str, data: bytes) -> bool:
+        """Conditional PUT (If-None-Match: *): S3 answers 412 when the key exists, 409 when
+        a concurrent conditional write to it is in progress (that one may win: not us)."""
+        try:
+            with self._errors(path):
+                self._client.put_object(Bucket=self.bucket, Key=self._key(path), Body=data,
+                                        IfNoneMatch="*", **self._extra)
+        except _Conflict:
+            return False
+        return True
+
     def put_file(self, local_path: str, path: str) -> None:
         # upload_file goes multipart for large files and aborts the upload on error.
         with self._errors(path):
@@ -110,6 +122,11 @@ class S3Store:
             raise _mapped(exc, f"s3://{self.bucket}/{self._raw_key(path)}") from exc
 
 
+class _Conflict(FatalError):
+    """A conditional write found the object there (or being written): only
+    create_exclusive expects it."""
+
+
 def _mapped(exc: Exception, where: str) -> Exception:
     """The pipeline's error for a botocore error; names the object, not the response."""
     if isinstance(exc, S3UploadFailedError) and isinstance(exc.__context__, ClientError):
@@ -117,6 +134,8 @@ def _mapped(exc: Exception, where: str) -> Exception:
     if isinstance(exc, ClientError):
         code = str(exc.response.get("Error", {}).get("Code", ""))
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+        if code in CONFLICT or status in (409, 412):
+            return _Conflict(f"{where}: exists ({code or status})")
         if code in NOT_FOUND:
             return FileNotFoundError(f"{where}: no such object")
         if code == "NoSuchBucket":

@@ -6,6 +6,7 @@ import io
 import logging
 import os
 import posixpath
+import secrets
 import stat
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
@@ -139,6 +140,26 @@ class SftpStore:
 
     def write_bytes(self, path: str, data: bytes) -> None:
         self._atomic(path, lambda part: self._sftp.putfo(io.BytesIO(data), part, len(data)))
+
+    def create_exclusive(self, path: str, data: bytes) -> bool:
+        """Upload to a unique `.part`, then the plain SFTP rename, which by the protocol
+        fails when the target exists (OpenSSH: link(2)); the file appears whole."""
+        full = self._full(path)
+        part = f"{full}.{secrets.token_hex(4)}.part"
+        with self._errors(path):
+            self._makedirs(posixpath.dirname(full))
+            self._sftp.putfo(io.BytesIO(data), part, len(data))
+            try:
+                self._sftp.rename(part, full)
+                return True
+            except OSError:
+                if not self._active():
+                    raise
+                with suppress(OSError):
+                    self._sftp.remove(part)
+                if self.exists(path):
+                    return False
+                raise
 
     def put_file(self, local_path: str, path: str) -> None:
         self._atomic(path, lambda part: self._sftp.put(local_path, part))

@@ -109,6 +109,34 @@ class TestStoreContract:
         assert store.read_bytes("out/file.csv") == b"new content"
         assert [n.rsplit("/", 1)[-1] for n in raw_names(store)] == ["file.csv"]
 
+    def test_create_exclusive_creates_once(self, store: Store) -> None:
+        assert store.create_exclusive("locks/a.json", b"first") is True
+        assert store.create_exclusive("locks/a.json", b"second") is False
+        assert store.read_bytes("locks/a.json") == b"first"
+        assert [n.rsplit("/", 1)[-1] for n in raw_names(store)] == ["a.json"]  # no temp file
+        store.delete("locks/a.json")
+        assert store.create_exclusive("locks/a.json", b"third") is True
+        assert store.read_bytes("locks/a.json") == b"third"
+
+    def test_create_exclusive_race_has_one_winner(self, store: Store) -> None:
+        if store.url.startswith("sftp://"):
+            pytest.skip("one SFTP session per thread; the lock tests race separate clients")
+        import threading
+        for trial in range(5):
+            barrier, results = threading.Barrier(2), []
+
+            def create(data: bytes, path: str, barrier=barrier, results=results) -> None:
+                barrier.wait()
+                results.append(store.create_exclusive(path, data))
+
+            threads = [threading.Thread(target=create, args=(d, f"race/{trial}"))
+                       for d in (b"x", b"y")]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            assert sorted(results) == [False, True]
+
     def test_put_file(self, store: Store, tmp_path: Path) -> None:
         local = tmp_path / "local.csv"
         local.write_bytes(BINARY)
