@@ -14,8 +14,8 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from pipeline import delivery
 from pipeline.cli import main
+from pipeline.flows import aam as delivery
 from pipeline.formats import MAX_LINE_BYTES, InfoEntry, parse_outbound_name, render_info
 from pipeline.stages import ingest, join, resolve
 from pipeline.stores.local import LocalStore
