@@ -267,3 +267,13 @@ def test_readme_example_config_matches_the_schema() -> None:
         config = tomllib.loads(block)
         errors = [e.message for e in jsonschema.Draft202012Validator(SCHEMA).iter_errors(config)]
         assert not errors
+
+
+def test_demo_config_matches_the_schema() -> None:
+    from localdev.demo import CONFIG
+
+    fields = {name: f"/x/{name}" for name in re.findall(r"(?<!\{)\{(\w+)\}(?!\})", CONFIG)}
+    fields["sftp_url"] = "sftp://demo@127.0.0.1:2222/x"
+    config = tomllib.loads(CONFIG.format(**fields))
+    errors = [e.message for e in jsonschema.Draft202012Validator(SCHEMA).iter_errors(config)]
+    assert config["feeds"] and not errors
