@@ -105,3 +105,15 @@ def test_version_from_pyproject_when_not_installed(
     monkeypatch.setattr(cli.metadata, "version", not_installed)
     assert main(["--version"]) == 0
     assert capsys.readouterr().out == f"audience-pipeline {_pyproject_version()}\n"
+
+
+def test_ci_runs_the_readme_test_command_which_lints_first() -> None:
+    ci = [line for line in (ROOT / ".ci" / "run").read_text().splitlines()
+          if line and not line.startswith(("#", "set ", "cd "))]
+    assert ci == ["make test"]
+    assert "make test " in (ROOT / "README.md").read_text()
+    makefile = (ROOT / "Makefile").read_text()
+    (test_rule,) = re.findall(r"^test:(.*)$", makefile, re.M)
+    assert test_rule.split()[0] == "lint"  # lint before the suite
+    lint_recipe = makefile.split("\nlint:", 1)[1].split("\n\n", 1)[0]
+    assert "ruff check" in lint_recipe and "mypy" in lint_recipe
