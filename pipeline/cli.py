@@ -13,7 +13,7 @@ from datetime import date
 from importlib import metadata
 from pathlib import Path
 
-from pipeline.errors import ConfigError, PipelineError
+from pipeline.errors import ConfigError, PipelineError, Terminated
 
 log = logging.getLogger("pipeline")
 
@@ -32,6 +32,9 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
         return _fail(args, exc, exc.exit_code)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
+        return 1
+    except Terminated:
+        print("error: terminated (SIGTERM)", file=sys.stderr)
         return 1
     except Exception as exc:  # last resort: still one line, never a record's content
         return _fail(args, exc, 1, prefix=f"unexpected {type(exc).__name__}")
@@ -148,8 +151,14 @@ def _cmd_run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         full=getattr(args, "full", False),
         dry_run=args.dry_run,
     )
-    with Progress(enabled=not args.json) as progress:
-        report = execute(config, options, on_delivery=progress.delivery_done)
+    try:
+        with Progress(enabled=not args.json) as progress:
+            report = execute(config, options, on_delivery=progress.delivery_done)
+    except BaseException as exc:
+        died = getattr(exc, "run_report", None)  # the run died: its report says how
+        if args.json and died is not None:
+            print(json.dumps(died.to_dict(), indent=1))
+        raise
     if args.json:
         print(json.dumps(report.to_dict(), indent=1))
     else:
@@ -162,7 +171,7 @@ def _cmd_status(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     from pipeline.console import print_status
     from pipeline.status import summary
 
-    config = load_config(args.config, env)
+    config = load_config(args.config, env, secrets=False)  # the ledger needs no key
     data = summary(config)
     if args.json:
         print(json.dumps(data, indent=1))

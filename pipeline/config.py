@@ -88,6 +88,7 @@ class Config:
     feeds: tuple[FeedConfig, ...]
     destinations: tuple[DestinationConfig, ...]
     profile_columns: Mapping[str, str] = field(default_factory=dict)  # product -> snapshot
+    work_dir: str | None = None  # local folder for per-run work folders; None: system temp
 
     @property
     def crm_matches(self) -> dict[str, str]:
@@ -96,8 +97,10 @@ class Config:
                 for f in self.feeds if f.match_column is not None}
 
 
-def load_config(path: str | Path, env: Mapping[str, str]) -> Config:
-    """Read and validate a config file; every problem is a ConfigError naming the key."""
+def load_config(path: str | Path, env: Mapping[str, str], secrets: bool = True) -> Config:
+    """Read and validate a config file; every problem is a ConfigError naming the key.
+
+    `secrets=False` (for `status`, which only reads the ledger) leaves keys unread."""
     path = Path(path)
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
@@ -107,13 +110,14 @@ def load_config(path: str | Path, env: Mapping[str, str]) -> Config:
         raise ConfigError(f"cannot read config file {path}: {exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
-    return parse_config(raw, env, base_dir=path.parent)
+    return parse_config(raw, env, base_dir=path.parent, secrets=secrets)
 
 
-def parse_config(raw: Mapping[str, Any], env: Mapping[str, str], base_dir: Path) -> Config:
+def parse_config(raw: Mapping[str, Any], env: Mapping[str, str], base_dir: Path,
+                 secrets: bool = True) -> Config:
     _known(raw, "", {"state", "profiles", "feeds", "destinations"})
     state = _table(raw, "state", required=True)
-    _known(state, "state", {"location", "known_hosts", "identity_file"})
+    _known(state, "state", {"location", "known_hosts", "identity_file", "work_dir"})
     profiles = _table(raw, "profiles", required=True)
     _known(profiles, "profiles",
            {"snapshot", "default_country", "known_hosts", "identity_file", "columns"})
@@ -121,7 +125,8 @@ def parse_config(raw: Mapping[str, Any], env: Mapping[str, str], base_dir: Path)
     feeds_raw = _array(raw, "feeds")
     dests_raw = _array(raw, "destinations")
     crm_column = columns.get("crm_id", "crm_id")
-    feeds = tuple(_feed(f, i, env, base_dir, crm_column) for i, f in enumerate(feeds_raw))
+    feeds = tuple(_feed(f, i, env if secrets else None, base_dir, crm_column)
+                  for i, f in enumerate(feeds_raw))
     dests = tuple(_destination(d, i, base_dir) for i, d in enumerate(dests_raw))
     _unique([f.name for f in feeds], "feeds")
     _unique([d.name for d in dests], "destinations")
@@ -137,7 +142,18 @@ def parse_config(raw: Mapping[str, Any], env: Mapping[str, str], base_dir: Path)
         feeds=feeds,
         destinations=dests,
         profile_columns=columns,
+        work_dir=_work_dir(state, base_dir),
     )
+
+
+def _work_dir(state: Mapping[str, Any], base_dir: Path) -> str | None:
+    """`[state] work_dir`: a local folder (spills may hold decrypted IDs: never a store)."""
+    value = _opt(state, "state", "work_dir", str)
+    if value is None:
+        return None
+    if "://" in value or not value.strip():
+        raise ConfigError("state.work_dir: must be a local folder path")
+    return str((base_dir / Path(value).expanduser()).absolute())
 
 
 def _profile_columns(value: Any) -> dict[str, str]:
@@ -207,8 +223,9 @@ def _name(raw: Mapping[str, Any], where: str) -> str:
     return name
 
 
-def _feed(raw: Any, i: int, env: Mapping[str, str], base_dir: Path,
+def _feed(raw: Any, i: int, env: Mapping[str, str] | None, base_dir: Path,
           crm_column: str) -> FeedConfig:
+    """`env` None: secrets are not read (their variables are still named and checked)."""
     where = f"feeds[{i}]"
     if not isinstance(raw, dict):
         raise ConfigError(f"{where} must be a table")
@@ -236,12 +253,13 @@ def _feed(raw: Any, i: int, env: Mapping[str, str], base_dir: Path,
         if decryption is None:
             raise ConfigError(f"{where}.decryption: required when id_encoding is {encoding!r}")
         key_env = _req(raw, where, "key_env", str)
-        key = _secret(env, key_env, f"{where}.key_env")
+        key = _secret(env, key_env, f"{where}.key_env") if env is not None else None
         iv_env = _opt(raw, where, "iv_env", str)
         if iv_env is not None:
             if decryption != "aes-cbc":
                 raise ConfigError(f"{where}.iv_env: only used with decryption = 'aes-cbc'")
-            iv = _secret(env, iv_env, f"{where}.iv_env", lengths=(16,))
+            if env is not None:
+                iv = _secret(env, iv_env, f"{where}.iv_env", lengths=(16,))
     return FeedConfig(
         name=name,
         source=_location(raw, where, "source", base_dir),

@@ -43,3 +43,8 @@ class DeliveryFailed(PipelineError):
 class LockHeld(PipelineError):
     """Another run holds the state lock."""
 
+
+
+class Terminated(BaseException):  # noqa: N818 - like KeyboardInterrupt
+    """SIGTERM: ends a run like an interrupt (work folder removed, lock released, report
+    saved with the reason)."""

@@ -64,11 +64,12 @@ class StateLock:
             raise LockHeld("another run took the state lock at the same time; try again")
         current = _parse(raw)
         if not self._stale(current):
+            until = ("its process ends" if current.get("host") == socket.gethostname()
+                     else f"its lease lapses ({current.get('expires')})")
             raise LockHeld(
                 f"another run ({current.get('run_id')}, host {current.get('host')}, pid "
-                f"{current.get('pid')}) holds the state lock since {current.get('since')} "
-                f"(lease until {current.get('expires', '?')}); it is taken over when the lease "
-                "lapses")
+                f"{current.get('pid')}) holds the state lock since {current.get('since')}; "
+                f"it is taken over when {until}")
         self._take_over(raw, current)
 
     def _take_over(self, raw: bytes, stale: dict[str, Any]) -> None:

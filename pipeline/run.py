@@ -6,10 +6,14 @@ owns what they share: the lock, selection, skip rules, retries, the ledger and t
 
 from __future__ import annotations
 
+import copy
+import errno
 import logging
-import shutil
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
@@ -21,6 +25,7 @@ from pipeline.errors import (
     FatalError,
     IncompleteDelivery,
     PipelineError,
+    Terminated,
     TransientError,
 )
 from pipeline.flows.aam import AamFlow
@@ -28,9 +33,10 @@ from pipeline.flows.export import ExportFlow
 from pipeline.ledger import Ledger, LedgerEntry
 from pipeline.lock import StateLock
 from pipeline.report import DeliveryReport, RunReport
-from pipeline.snapshot import Snapshots, make_workdir
+from pipeline.snapshot import Snapshots
 from pipeline.stages.join import KEY_KINDS
 from pipeline.stores import Store, open_store
+from pipeline.workdir import run_folder
 
 log = logging.getLogger(__name__)
 DONE = ("processed", "skipped")  # ledger statuses a plain `run` does not redo
@@ -57,26 +63,44 @@ def flow_for(ctx: Context, feed: FeedConfig, source: Store) -> Flow:
 
 def execute(config: Config, options: RunOptions, now: datetime | None = None,
             on_delivery: Callable[[DeliveryReport], None] | None = None) -> RunReport:
-    """Process every selected delivery of every feed; never raises for a single delivery."""
+    """Process every selected delivery of every feed; never raises for a single delivery.
+
+    A run that dies (fatal error, SIGTERM, interrupt) raises, after saving its report with
+    `error` set if it held the lock."""
     now = now or datetime.now(UTC)
     run_id = now.strftime("%Y%m%dT%H%M%S%fZ")
     report = RunReport(run_id=run_id, command=options.command, dry_run=options.dry_run)
-    workdir = make_workdir()
+    with _sigterm_ends_run(), run_folder(config.work_dir, run_id) as workdir:
+        _run(config, options, report, workdir, now, on_delivery)
+    return report
+
+
+def _run(config: Config, options: RunOptions, report: RunReport, workdir: Path,
+         now: datetime, on_delivery: Callable[[DeliveryReport], None] | None) -> None:
+    run_id = report.run_id
     stores: list[Any] = []
-    lock = None
+    lock: StateLock | None = None
+    state: Store | None = None
     try:
-        state = _keep(stores, open_store(config.state.url, config.state.options))
+        with _step("open the state store"):
+            state = _keep(stores, open_store(config.state.url, config.state.options))
         if not options.dry_run:
-            lock = StateLock(state, run_id, now)
-            lock.acquire()
+            with _step("take the state lock"):
+                # Its own connection: the heartbeat renews it from a thread.
+                lock_store = _keep(stores, open_store(config.state.url, config.state.options))
+            lock = StateLock(lock_store, run_id, now)
+            lock.acquire()  # LockHeld says it all
         kinds = tuple(k for k in KEY_KINDS if any(k in f.kinds for f in config.feeds))
-        snapshots = _keep(stores, Snapshots(config.snapshot, config.default_country, workdir,
-                                            kinds, config.profile_columns,
-                                            config.crm_matches))
-        targets = {d.name: _keep(stores, open_store(d.target.url, d.target.options))
-                   for d in config.destinations}
+        with _step("open the profile snapshot"):
+            snapshots = _keep(stores, Snapshots(config.snapshot, config.default_country,
+                                                str(workdir), kinds, config.profile_columns,
+                                                config.crm_matches))
+        targets = {}
+        for d in config.destinations:
+            with _step(f"open destination {d.name}"):
+                targets[d.name] = _keep(stores, open_store(d.target.url, d.target.options))
         ctx = Context(config, options, run_id, state, Ledger(state), snapshots, targets,
-                      Path(workdir))
+                      workdir)
         if not options.dry_run:
             ctx.ledger.check_writable(run_id)
         for feed in config.feeds:
@@ -84,15 +108,73 @@ def execute(config: Config, options: RunOptions, now: datetime | None = None,
                 report.deliveries.append(result)
                 if on_delivery:
                     on_delivery(result)
-        if not options.dry_run:
-            ctx.ledger.save_run(run_id, report.to_dict())
+    except BaseException as exc:
+        report.error = ended_by(exc)
+        if lock is not None and lock.held and state is not None:
+            _save_report_quietly(state, report)
+        exc.run_report = report  # type: ignore[attr-defined]  # for --json
+        raise
+    else:
+        if not options.dry_run and state is not None:
+            with _step("save the run report"):
+                Ledger(state).save_run(run_id, report.to_dict())
     finally:
         if lock is not None:
             _release(lock)
         for store in stores:
             _close(store)
-        shutil.rmtree(workdir, ignore_errors=True)
-    return report
+
+
+def ended_by(exc: BaseException) -> str:
+    """How a run died, in one line for its report (no record content: see errors.py)."""
+    if isinstance(exc, Terminated):
+        return "terminated (SIGTERM)"
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted"
+    if isinstance(exc, PipelineError):
+        return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if _disk_full(exc):
+        return f"work disk full ({exc.strerror})"  # type: ignore[attr-defined]
+    return f"unexpected {type(exc).__name__}"
+
+
+def _disk_full(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def _save_report_quietly(state: Store, report: RunReport) -> None:
+    try:
+        Ledger(state).save_run(report.run_id, report.to_dict())
+    except (PipelineError, OSError) as exc:
+        log.error("run_report=not_saved error=%s", exc)
+
+
+@contextmanager
+def _step(what: str) -> Iterator[None]:
+    """Errors raised inside name the step that failed (same class, so same exit code)."""
+    try:
+        yield
+    except PipelineError as exc:
+        renamed = copy.copy(exc)
+        renamed.args = (f"{what}: {exc}",)
+        raise renamed from exc
+
+
+@contextmanager
+def _sigterm_ends_run() -> Iterator[None]:
+    """SIGTERM raises Terminated in the main thread, so the run unwinds like an interrupt."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum: int, frame: object) -> None:
+        raise Terminated("terminated (SIGTERM)")
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def guarded_feed(ctx: Context, feed: FeedConfig, stores: list[Any]
@@ -108,7 +190,9 @@ def guarded_feed(ctx: Context, feed: FeedConfig, stores: list[Any]
         yield feed_failed(feed, exc)
         return
     for unit in units:
-        yield process(ctx, flow, unit)
+        with _step(f"feed {feed.name}, delivery {unit.root}"):
+            rep = process(ctx, flow, unit)
+        yield rep
 
 
 def feed_failed(feed: FeedConfig, exc: Exception) -> DeliveryReport:
@@ -126,7 +210,8 @@ def process(ctx: Context, flow: Flow, unit: Any) -> DeliveryReport:
     feed = flow.feed.name
     rep = DeliveryReport(feed=feed, delivery=unit.root,
                          date=unit.date.isoformat() if unit.date else None)
-    previous = ctx.ledger.get(feed, unit.root)
+    with _step("read its ledger entry"):
+        previous = ctx.ledger.get(feed, unit.root)
     blocked = flow.blocked(unit)
     if blocked:
         rep.status, rep.reason = blocked
@@ -142,16 +227,19 @@ def process(ctx: Context, flow: Flow, unit: Any) -> DeliveryReport:
     try:
         _with_retries(lambda: _attempt(ctx, flow, unit, rep), ctx.options.retry_delays,
                       unit.root)
-    except (IncompleteDelivery, DeliveryFailed, TransientError) as exc:
+    except (IncompleteDelivery, DeliveryFailed, TransientError, OSError) as exc:
+        if isinstance(exc, OSError) and not _disk_full(exc):
+            raise
         rep.status = "incomplete" if isinstance(exc, IncompleteDelivery) else "failed"
-        rep.reason = str(exc)
+        rep.reason = ended_by(exc) if isinstance(exc, OSError) else str(exc)
         if not rep.balanced():  # stopped while counting: its records were not all read
             rep.reset_counts()
         log.error("feed=%s delivery=%s status=%s reason=%s", feed, unit.root, rep.status, exc)
     # A unit skipped while processing (superseded) keeps its earlier processed record.
     kept = rep.status == "skipped" and _processed(previous)
     if not ctx.options.dry_run and not kept:
-        _record(ctx, rep, flow.files(unit))
+        with _step("write its ledger entry"):
+            _record(ctx, rep, flow.files(unit))
     return rep
 
 

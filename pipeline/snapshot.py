@@ -7,7 +7,6 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -263,7 +262,3 @@ def _renamed(scan: pl.LazyFrame, where: str, names: SnapshotNames) -> pl.LazyFra
 def _load(paths: list[str], url: str, default_country: str | None,
           names: SnapshotNames) -> pl.DataFrame:
     return profile_table(_checked_scan(paths, url, names), default_country).collect()
-
-
-def make_workdir() -> str:
-    return tempfile.mkdtemp(prefix="audience-pipeline-")

@@ -35,6 +35,22 @@ class _RejectUnknownHost(paramiko.RejectPolicy):
         raise FatalError(f"host key for {self._address} not in known_hosts")
 
 
+def _load_key(identity: str) -> paramiko.PKey:
+    """The private key, read before connecting: a bad key file is a configuration error,
+    not an unreachable server."""
+    path = os.path.expanduser(identity)
+    if not os.path.isfile(path):
+        raise ConfigError(f"identity file {identity} not found")
+    try:
+        return paramiko.PKey.from_path(path)
+    except paramiko.PasswordRequiredException:
+        raise ConfigError(f"identity file {identity} is passphrase-protected; "
+                          "use a key without passphrase") from None
+    except (paramiko.SSHException, OSError, ValueError, IndexError, TypeError) as exc:
+        raise ConfigError(f"identity file {identity} is not a usable private key "
+                          f"({type(exc).__name__})") from None
+
+
 class SftpStore:
     def __init__(self, url: str, options: StoreOptions | None = None) -> None:
         self.url = url
@@ -61,14 +77,13 @@ class SftpStore:
                 client.load_system_host_keys()
         except OSError as exc:
             raise ConfigError(f"cannot read known_hosts file {known_hosts}") from exc
-        if identity and not os.path.isfile(os.path.expanduser(identity)):
-            raise ConfigError(f"identity file {identity} not found")
+        key = _load_key(identity) if identity else None
         client.set_missing_host_key_policy(_RejectUnknownHost(self._address))
         try:
             try:
                 client.connect(
                     self._host, self._port, username=self._user,
-                    key_filename=os.path.expanduser(identity) if identity else None,
+                    pkey=key,
                     allow_agent=not identity, look_for_keys=not identity,
                     timeout=TIMEOUT, banner_timeout=TIMEOUT, auth_timeout=TIMEOUT,
                 )

@@ -351,6 +351,12 @@ def test_sftp_bad_client_key_or_missing_files_are_refused(
         open_store(sftp_server.url, StoreOptions(known, str(tmp_path / "missing")))
     with pytest.raises(ConfigError, match="known_hosts"):
         open_store(sftp_server.url, StoreOptions(str(tmp_path / "missing"), str(other_key)))
+    # A broken key file is the config's fault, not an unreachable server.
+    for name, content in (("empty", b""), ("garbage", b"-----BEGIN OPENSSH PRIVATE KEY-----\n"
+                                                      b"not base64 at all\n")):
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(ConfigError, match=f"identity file .*{name} is not a usable "):
+            open_store(sftp_server.url, StoreOptions(known, str(tmp_path / name)))
 
 
 def test_s3_listing_skips_keys_that_are_not_plain_paths(

@@ -1,0 +1,33 @@
+"""Runs the CLI and waits mid-run (after a delivery's ingest pass) so a test can signal it.
+
+usage: python tests/signal_runner.py READY_FILE run --config FILE ...
+Once the first delivery's lines are spilled to the work folder, READY_FILE is created and
+the run sleeps up to 60 s: time for the test to send SIGTERM or SIGKILL.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.cli import main  # noqa: E402
+from pipeline.flows import aam  # noqa: E402
+
+
+def pause_after(func, ready: Path):
+    def wrapper(*args, **kwargs):
+        result = func(*args, **kwargs)
+        ready.write_text("spilled")
+        time.sleep(60)
+        return result
+
+    return wrapper
+
+
+if __name__ == "__main__":
+    ready, *argv = sys.argv[1:]
+    aam.ingest = pause_after(aam.ingest, Path(ready))
+    sys.exit(main(argv))

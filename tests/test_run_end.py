@@ -1,0 +1,147 @@
+"""How a run ends: every run that took the lock leaves a report saying how; errors name the
+step that failed; one delivery's failure (full work disk) is that delivery's."""
+
+from __future__ import annotations
+
+import errno
+import json
+from pathlib import Path
+
+import pytest
+from moto.server import ThreadedMotoServer
+
+from pipeline.cli import main
+from pipeline.config import load_config
+from pipeline.context import RunOptions
+from pipeline.errors import FatalError, PipelineError
+from pipeline.lock import LOCK_PATH
+from pipeline.run import execute
+from pipeline.spill import Spill
+from tests.factories import delivery_files, write_snapshot
+
+ROOTS = ["ftp_1234_5678_iter_1486140844000", "ftp_1234_5678_iter_1486227244000"]
+LINES = [["alice@example.com 111", "bob@example.com 112"]]
+PROFILES = [{"profile_id": "P1", "email": "alice@example.com"},
+            {"profile_id": "P2", "email": "bob@example.com"}]
+
+
+def _env(tmp: Path, state: str = "state", feed_extra: str = "") -> Path:
+    (tmp / "in").mkdir(exist_ok=True)
+    for root in ROOTS:
+        for name, data in delivery_files(root, LINES).items():
+            (tmp / "in" / name).write_bytes(data)
+    write_snapshot(tmp / "profiles" / "p.parquet", PROFILES)
+    cfg = tmp / "c.toml"
+    cfg.write_text(f"""
+[state]
+location = "{state}"
+work_dir = "work"
+[profiles]
+snapshot = "profiles"
+[[feeds]]
+name = "emails"
+source = "in"
+{feed_extra}
+[[destinations]]
+name = "campaign"
+kind = "campaign_list"
+target = "out"
+""")
+    return cfg
+
+
+def _saved_runs(state: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((state / "runs").glob("*.json"))]
+
+
+def test_full_work_disk_fails_that_delivery_not_the_run(tmp_path, capsys, monkeypatch):
+    cfg = _env(tmp_path)
+    real = Spill.write
+    calls = {"n": 0}
+
+    def full_on_first_delivery(self, name, frame, bucket=None):
+        calls["n"] += 1
+        if calls["n"] == 1:  # the first spill write of the run: first delivery's lines
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, name, frame, bucket)
+
+    monkeypatch.setattr(Spill, "write", full_on_first_delivery)
+    code = main(["run", "--config", str(cfg), "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 3
+    first, second = report["deliveries"]
+    assert (first["status"], first["reason"]) == ("failed",
+                                                 "work disk full (No space left on device)")
+    assert second["status"] == "processed" and second["matched"] == 2
+    assert report["error"] is None
+    assert _saved_runs(tmp_path / "state")[0]["deliveries"][0]["status"] == "failed"
+    assert list((tmp_path / "work").iterdir()) == []
+
+
+def test_fatal_error_mid_run_leaves_a_report_naming_the_step(tmp_path, capsys, monkeypatch):
+    cfg = _env(tmp_path)
+
+    def denied(self, unit, rep):
+        raise FatalError("out/x.csv: permission denied")
+
+    from pipeline.flows.aam import AamFlow
+    monkeypatch.setattr(AamFlow, "process", denied)
+    code = main(["run", "--config", str(cfg)])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    why = f"feed emails, delivery {ROOTS[0]}: out/x.csv: permission denied"
+    assert code == 1
+    assert err == f"error: {why}"
+    [saved] = _saved_runs(tmp_path / "state")
+    assert (saved["error"], saved["status"]) == (why, "failed")
+    assert not (tmp_path / "state" / LOCK_PATH).exists()
+    assert list((tmp_path / "work").iterdir()) == []
+
+
+def test_s3_outage_mid_run_is_reported_where_it_happened(tmp_path, s3_endpoint, monkeypatch):
+    # The state location is on an S3 server of its own, which goes down after the first
+    # delivery: the run fails naming the step (the second delivery's ledger read), not the
+    # release of the lock that follows.
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://{host}:{port}")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    import boto3
+    boto3.client("s3").create_bucket(Bucket="state")
+    config = load_config(_env(tmp_path, state="s3://state/pipeline"), {})
+    stopped = []
+
+    def outage(rep):
+        if not stopped:
+            server.stop()
+            stopped.append(True)
+
+    try:
+        with pytest.raises(PipelineError) as raised:
+            execute(config, RunOptions(retry_delays=(0.0,)), on_delivery=outage)
+    finally:
+        if not stopped:
+            server.stop()
+    message = str(raised.value)
+    assert message.startswith(f"feed emails, delivery {ROOTS[1]}: read its ledger entry: "
+                              "s3://state/pipeline/ledger/"), message
+    assert "unreachable" in message and "lock" not in message
+
+
+def test_status_needs_no_decryption_key(tmp_path, capsys):
+    cfg = _env(tmp_path, feed_extra='id_encoding = "encrypted"\ndecryption = "aes-gcm"\n'
+                                    'key_env = "NOT_SET_ANYWHERE"')
+    assert main(["run", "--config", str(cfg)], env={}) == 2  # a run needs it
+    capsys.readouterr()
+    assert main(["status", "--config", str(cfg), "--json"], env={}) == 0
+    assert json.loads(capsys.readouterr().out)["runs"] == []
+
+
+def test_work_dir_must_be_local(tmp_path):
+    from pipeline.errors import ConfigError
+    cfg = _env(tmp_path)
+    cfg.write_text(cfg.read_text().replace('work_dir = "work"', 'work_dir = "s3://b/w"'))
+    with pytest.raises(ConfigError, match="state.work_dir"):
+        load_config(cfg, {})
+
+
