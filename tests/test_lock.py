@@ -7,7 +7,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -21,12 +21,30 @@ from pipeline.stores import Store, open_store
 TRIALS = 20
 
 
+@pytest.fixture(scope="module")
+def serial_s3(s3_endpoint: str) -> Iterator[str]:
+    """moto's S3 app served one request at a time. S3 makes a conditional PUT atomic; moto
+    checks then writes, so its threaded server can let two racing PUTs through (a moto
+    limitation, not S3's). Serving requests in turn gives S3's guarantee back."""
+    from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
+    from werkzeug.serving import make_server
+
+    server = make_server("127.0.0.1", 0, DomainDispatcherApplication(create_backend_app),
+                         threaded=False)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.port}"
+    server.shutdown()
+
+
 @pytest.fixture(params=["local", "s3"])
-def opener(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[], Store]:
+def opener(request: pytest.FixtureRequest, tmp_path: Path,
+           monkeypatch: pytest.MonkeyPatch) -> Callable[[], Store]:
     """Opens a new client of one state location (each racing run has its own)."""
     if request.param == "local":
         url = str(tmp_path / "state")
     else:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", request.getfixturevalue("serial_s3"))
         url = f"s3://{request.getfixturevalue('make_bucket')()}/state"
     return lambda: open_store(url)
 
