@@ -150,7 +150,9 @@ def test_missing_mapped_column_is_one_line_naming_both_names(tmp_path, capsys):
                          'columns = { profile_id = "iRecipientId", email = "sEmail" }', "")
     assert main(["run", "--config", str(config)], env={}) == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith("error: profile snapshot ")
+    # The step that failed first (issue 11 item 14), then the snapshot's own message.
+    assert err.startswith("error: feed emails, delivery ftp_1234_5678_iter_1486140844000: "
+                          "profile snapshot ")
     assert err.endswith("column 'sEmail' (profiles.columns.email) is missing")
 
 
