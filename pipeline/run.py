@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import errno
 import logging
+import os
 import signal
 import threading
 import time
@@ -134,12 +135,17 @@ def ended_by(exc: BaseException) -> str:
     if isinstance(exc, PipelineError):
         return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     if _disk_full(exc):
-        return f"work disk full ({exc.strerror})"  # type: ignore[attr-defined]
+        return f"work disk full ({os.strerror(errno.ENOSPC)})"
     return f"unexpected {type(exc).__name__}"
 
 
+# polars reports a full disk as OSError without errno: "No space left on device (os error 28)"
+_FULL = tuple(f"(os error {code})" for code in (errno.ENOSPC, errno.EDQUOT))
+
+
 def _disk_full(exc: BaseException) -> bool:
-    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    return isinstance(exc, OSError) and (exc.errno in (errno.ENOSPC, errno.EDQUOT)
+                                         or str(exc).endswith(_FULL))
 
 
 def _save_report_quietly(state: Store, report: RunReport) -> None:

@@ -78,6 +78,41 @@ def test_full_work_disk_fails_that_delivery_not_the_run(tmp_path, capsys, monkey
     assert list((tmp_path / "work").iterdir()) == []
 
 
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """A real 3 MB file system (tmpfs): needs root and mount rights, else the test skips."""
+    import shutil
+    import subprocess
+    folder = tmp_path / "small"
+    folder.mkdir()
+    if not shutil.which("mount") or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=3m,mode=0700", "tmpfs", str(folder)],
+            capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+def test_really_full_work_disk_fails_only_the_big_delivery(tmp_path, small_disk, capsys):
+    # The first delivery's spills (polars writing Arrow IPC) fill a 3 MB work disk; the
+    # second, small one is processed after it in the same run.
+    cfg = _env(tmp_path)
+    cfg.write_text(cfg.read_text().replace('work_dir = "work"', f'work_dir = "{small_disk}"'))
+    big = [f"user{i:07d}@example.com 111,112,113 114" for i in range(200_000)]
+    for name, data in delivery_files(ROOTS[0], [big]).items():
+        (tmp_path / "in" / name).write_bytes(data)
+    code = main(["run", "--config", str(cfg), "--json"])
+    report = json.loads(capsys.readouterr().out)
+    first, second = report["deliveries"]
+    assert (first["status"], first["reason"]) == ("failed",
+                                                 "work disk full (No space left on device)")
+    assert (second["status"], second["matched"]) == ("processed", 2)
+    assert code == 3 and report["error"] is None
+    assert list(small_disk.iterdir()) == []
+
+
 def test_fatal_error_mid_run_leaves_a_report_naming_the_step(tmp_path, capsys, monkeypatch):
     cfg = _env(tmp_path)
 
