@@ -29,7 +29,7 @@ from pipeline.errors import (
     Terminated,
     TransientError,
 )
-from pipeline.flows.aam import AamFlow
+from pipeline.flows.aam import AamFlow, check_backfill
 from pipeline.flows.export import ExportFlow
 from pipeline.ledger import Ledger, LedgerEntry
 from pipeline.lock import StateLock
@@ -104,6 +104,7 @@ def _run(config: Config, options: RunOptions, report: RunReport, workdir: Path,
                       workdir)
         if not options.dry_run:
             ctx.ledger.check_writable(run_id)
+        check_backfill(ctx)
         for feed in config.feeds:
             for result in guarded_feed(ctx, feed, stores):
                 report.deliveries.append(result)

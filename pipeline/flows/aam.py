@@ -3,8 +3,10 @@
 1. ingest + resolve, chunk by chunk -> resolved rows by key bucket, rejects aside;
 2. per key bucket: join with that bucket of the profile keys -> segment mentions by profile
    bucket;
-3. per profile bucket: merge segments per profile -> destination writers.
-Nothing is published before every record is counted and the reject threshold is checked.
+3. per profile bucket: merge segments per profile, apply them to that bucket of the feed's
+   membership (SPEC §11) -> destination writers and the next membership version.
+Nothing is published before every record is counted and the reject and removal thresholds
+are checked; the membership version is saved after the outputs (the ledger record follows).
 """
 
 from __future__ import annotations
@@ -13,14 +15,24 @@ import logging
 import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import polars as pl
 
 from pipeline.config import FeedConfig
-from pipeline.context import Context
+from pipeline.context import Context, RunOptions
+from pipeline.errors import ConfigError, DeliveryFailed
 from pipeline.formats import QUARANTINED_LINE_CHARS
 from pipeline.ledger import LedgerEntry
+from pipeline.membership import (
+    FeedHead,
+    FeedMembership,
+    FeedVersion,
+    empty_members,
+    mirror,
+    write_members,
+)
 from pipeline.report import DeliveryReport
 from pipeline.snapshot import ProfileIndex
 from pipeline.spill import Spill, key_bucket, text_bucket
@@ -43,6 +55,8 @@ PROFILES_PER_BUCKET = 1_000_000
 ROWS_PER_BATCH = 2 * LINES_PER_BUCKET
 MENTIONS_PER_BATCH = 8_000_000
 RESOLVED = ("key", "file_seq", "line_no", "added", "removed", "contact")
+AUDIENCE = {"profile_id": pl.String, "segment_id": pl.UInt32, "action": pl.String,
+            "matched_on": pl.String}
 
 
 @dataclass
@@ -54,6 +68,15 @@ class Plan:
     contacts: bool = False  # a no_profile_contacts destination wants unmatched addresses
 
 
+@dataclass
+class Mirroring:
+    """What pass 3 did to the feed's membership: new parts by bucket, and the counts."""
+
+    parts: dict[int, Path]
+    leavers: int = 0
+    removed: int = 0
+
+
 class AamFlow:
     """The AAM deliveries of one feed, for the run loop (run.py)."""
 
@@ -62,7 +85,10 @@ class AamFlow:
 
     def units(self) -> list[Delivery]:
         found = find_deliveries(self.source, self.feed.name, self.feed.require_info)
-        return [d for d in found if self.ctx.options.wants(d.date)]
+        options = self.ctx.options
+        newest = (FeedMembership(self.ctx.state, self.feed.name).head().newest
+                  if options.command == "backfill" else None)
+        return [d for d in found if options.wants(d.date) or replayed(d, options, newest)]
 
     @staticmethod
     def blocked(delivery: Delivery) -> tuple[str, str] | None:
@@ -102,6 +128,16 @@ def bucket_count(delivery: Delivery, profiles: int) -> int:
 def process_delivery(ctx: Context, feed: FeedConfig, source: Store, delivery: Delivery,
                      rep: DeliveryReport) -> None:
     """Count, quarantine and publish one complete delivery (raises DeliveryFailed)."""
+    membership = FeedMembership(ctx.state, feed.name)
+    head = membership.head()
+    order = delivery_order(delivery)
+    late = late_reason(head, order, ctx.options.reprocess)
+    if late:
+        rep.status, rep.reason = "skipped", late
+        log.warning("feed=%s delivery=%s status=skipped reason=%s", feed.name, delivery.root,
+                    late)
+        return
+    base = head.before(order)  # a re-run of the newest (after a crash): its predecessor
     spill = Spill(Path(ctx.workdir) / "delivery")
     spill.clear()
     buckets = bucket_count(delivery, ctx.snapshots.size(delivery.date))
@@ -118,9 +154,12 @@ def process_delivery(ctx: Context, feed: FeedConfig, source: Store, delivery: De
         profiles = index.result()
     match(plan, profiles, rep)
     rep.check_reject_ratio(feed.max_reject_ratio)
+    membership.load(base, buckets, spill)
     key = publish.DeliveryKey(feed.name, delivery.root,
                               publish.timestamp_seconds(delivery.timestamp_ms, rep.date))
-    outputs = build(ctx, plan, profiles, key)
+    outputs, mirrored = build(ctx, plan, profiles, key)
+    if delivery.full:
+        _check_removals(feed, base, mirrored)
     dests = [d for d in ctx.config.destinations if d.name in outputs]
     for dest in dests:
         out = outputs[dest.name]
@@ -133,8 +172,56 @@ def process_delivery(ctx: Context, feed: FeedConfig, source: Store, delivery: De
         written = {d.name: [p for p, _ in outputs[d.name].files] for d in dests}
     else:
         written = publish.publish_outputs(ctx.targets, dests, key, outputs)
+        membership.save(delivery.root, order[0], buckets, mirrored.parts, ctx.run_id,
+                        feed.membership_retention_days)
     rep.outputs += [f"{name}:{p}" for name, paths in written.items() for p in paths]
+    rep.leavers = mirrored.leavers
     spill.clear()
+
+
+def delivery_order(delivery: Delivery) -> tuple[int, str]:
+    """(timestamp in ms, root): the order a feed's deliveries are applied in."""
+    ms = delivery.timestamp_ms
+    if ms is None:  # midnight of its date; undated deliveries fail before they are applied
+        day = delivery.date.isoformat() if delivery.date else None
+        ms = (publish.timestamp_seconds(None, day) or 0) * 1000
+    return (ms, delivery.root)
+
+
+def late_reason(head: FeedHead, order: tuple[int, str], replay: bool) -> str | None:
+    """Why a delivery is skipped: older than the newest applied one, applied on top of newer
+    state it would undo newer changes. Replays (backfill, --force) apply each delivery to the
+    membership before it instead."""
+    newest = head.newest
+    if newest is not None and order < newest.order and not replay:
+        return f"older than the newest applied delivery {newest.delivery}; replay it with backfill"
+    return None
+
+
+def replayed(delivery: Delivery, options: RunOptions, newest: FeedVersion | None) -> bool:
+    """A backfill from D also replays every later delivery through the newest applied one,
+    whatever --to says, so the membership stays consistent (SPEC §11)."""
+    return (options.command == "backfill" and options.date_from is not None
+            and newest is not None and delivery.date is not None
+            and delivery.date >= options.date_from and delivery_order(delivery) <= newest.order)
+
+
+def check_backfill(ctx: Context) -> None:
+    """Refuse, before anything runs, a backfill whose starting membership retention deleted."""
+    start = ctx.options.date_from
+    if ctx.options.command != "backfill" or start is None:
+        return
+    start_ms = int(datetime(start.year, start.month, start.day, tzinfo=UTC).timestamp()) * 1000
+    for feed in ctx.config.feeds:
+        if feed.kind != "aam_segments":
+            continue
+        head = FeedMembership(ctx.state, feed.name).head()
+        if not head.has_state_before(start_ms):
+            oldest = datetime.fromtimestamp(head.versions[0].timestamp_ms / 1000, UTC).date()
+            raise ConfigError(
+                f"backfill --from {start}: feed {feed.name} needs its membership before that "
+                f"day, but versions before {oldest} were deleted (membership_retention_days = "
+                f"{feed.membership_retention_days}); backfill from a later date")
 
 
 def ingest(ctx: Context, plan: Plan, source: Store, rep: DeliveryReport,
@@ -193,8 +280,8 @@ def _match_batch(plan: Plan, joined: pl.DataFrame, rep: DeliveryReport) -> None:
 
 
 def build(ctx: Context, plan: Plan, profiles: ProfileIndex, key: publish.DeliveryKey
-          ) -> dict[str, publish.Output]:
-    """Pass 3: merge per profile bucket and feed every destination's writer."""
+          ) -> tuple[dict[str, publish.Output], Mirroring]:
+    """Pass 3: merge per profile bucket, mirror the membership, feed every writer."""
     workdir = plan.spill.folder / "out"
     workdir.mkdir(parents=True, exist_ok=True)
     audience_writers: dict[str, AudienceWriter] = {}
@@ -209,20 +296,25 @@ def build(ctx: Context, plan: Plan, profiles: ProfileIndex, key: publish.Deliver
     writers: dict[str, AudienceWriter | publish.ContactsWriter] = {
         **audience_writers, **contact_writers}
     try:
-        _fill(plan, profiles, audience_writers, contact_writers)
+        mirrored = _fill(plan, profiles, audience_writers, contact_writers)
     except BaseException:
         for writer in writers.values():
             writer.close()  # no thread or open file outlives a failed delivery
         raise
-    return {name: w.finish() for name, w in writers.items()}
+    return {name: w.finish() for name, w in writers.items()}, mirrored
 
 
 def _fill(plan: Plan, profiles: ProfileIndex, audience_writers: dict[str, AudienceWriter],
-          contact_writers: dict[str, publish.ContactsWriter]) -> None:
+          contact_writers: dict[str, publish.ContactsWriter]) -> Mirroring:
+    mirrored = Mirroring({})
     for b in range(plan.buckets):
-        mentions = _mentions(plan.spill, "mentions", b)
-        if mentions is not None and audience_writers:
-            audience = join.merge_segments(mentions).collect()
+        part = plan.spill.folder / "membership" / f"{b}.parquet"
+        audience, leavers, removed = mirror_bucket(plan.spill, b, plan.delivery.full, part)
+        if part.exists():
+            mirrored.parts[b] = part
+        mirrored.leavers += leavers
+        mirrored.removed += removed
+        if audience is not None and audience.height and audience_writers:
             attrs = profiles.attributes(b)
             for writer in audience_writers.values():
                 writer.add(audience, attrs)
@@ -231,6 +323,7 @@ def _fill(plan: Plan, profiles: ProfileIndex, audience_writers: dict[str, Audien
             merged = join.merge_contacts(contacts).collect()
             for contact_writer in contact_writers.values():
                 contact_writer.add(merged)
+    return mirrored
 
 
 def _mentions(spill: Spill, name: str, bucket: int) -> pl.LazyFrame | None:
@@ -240,6 +333,36 @@ def _mentions(spill: Spill, name: str, bucket: int) -> pl.LazyFrame | None:
     if len(batches) <= 1:
         return batches[0] if batches else None
     return pl.concat([join.reduce_mentions(rows).collect() for rows in batches]).lazy()
+
+
+def mirror_bucket(spill: Spill, bucket: int, full: bool, part: Path
+                  ) -> tuple[pl.DataFrame | None, int, int]:
+    """One profile bucket: the merged audience plus its leavers, and the bucket's membership
+    after the delivery written to `part` (when not empty). Returns (audience rows or None
+    when the bucket holds nothing, leavers, pairs removed from the membership)."""
+    mentions = _mentions(spill, "mentions", bucket)
+    members = spill.scan("members", bucket)
+    if mentions is None and members is None:
+        return None, 0, 0
+    audience = (join.merge_segments(mentions).collect() if mentions is not None
+                else pl.DataFrame(schema=AUDIENCE))
+    result = mirror(audience, members.collect() if members is not None else empty_members(),
+                    full)
+    if result.members.height:
+        write_members(result.members, part)
+    if result.leavers.height:  # only `full` has leavers: `iter` rows stay as they were
+        audience = pl.concat([audience, result.leavers])
+    return audience, result.leavers.height, result.removed
+
+
+def _check_removals(feed: FeedConfig, base: FeedVersion | None, mirrored: Mirroring) -> None:
+    """Safety valve: a `full` delivery may not empty the membership by accident."""
+    before = base.pairs if base is not None else 0
+    ratio = mirrored.removed / before if before else 0.0
+    if ratio > feed.max_removal_ratio:
+        raise DeliveryFailed(f"full delivery would remove {mirrored.removed} of {before} "
+                             f"membership pairs ({ratio:.4f}), more than max_removal_ratio "
+                             f"{feed.max_removal_ratio}; nothing published")
 
 
 def _quarantine(ctx: Context, plan: Plan) -> None:
