@@ -1,7 +1,9 @@
 """Runs the CLI in a subprocess and SIGKILLs itself at a chosen stage boundary.
 
 usage: python tests/crash_runner.py STAGE run --config FILE ...
-STAGE: after_ingest | after_resolve | mid_publish | before_ledger | none
+STAGE: after_ingest | after_resolve | mid_publish | before_ledger | none, or for membership
+(SPEC §11): before_membership:N (outputs published, N-th membership version not saved),
+before_ledger:N (N-th ledger record not written), between_feeds (second feed not started)
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline import run  # noqa: E402
 from pipeline.cli import main  # noqa: E402
 from pipeline.flows import aam as delivery  # noqa: E402
+from pipeline.membership import FeedMembership  # noqa: E402
 from pipeline.stages import publish  # noqa: E402
 
 
@@ -35,6 +38,19 @@ def after(func):
 def before(func):
     def wrapper(*args, **kwargs):
         die()
+        return func(*args, **kwargs)
+
+    return wrapper
+
+
+def before_nth(func, n: int):
+    calls = 0
+
+    def wrapper(*args, **kwargs):
+        nonlocal calls
+        calls += 1
+        if calls == n:
+            die()
         return func(*args, **kwargs)
 
     return wrapper
@@ -63,6 +79,12 @@ def install(stage: str) -> None:
         publish.write_outputs = mid_publish(publish.write_outputs)
     elif stage == "before_ledger":
         run._record = before(run._record)
+    elif stage.startswith("before_membership:"):
+        FeedMembership.save = before_nth(FeedMembership.save, int(stage.partition(":")[2]))
+    elif stage.startswith("before_ledger:"):
+        run._record = before_nth(run._record, int(stage.partition(":")[2]))
+    elif stage == "between_feeds":
+        run.flow_for = before_nth(run.flow_for, 2)
 
 
 if __name__ == "__main__":
