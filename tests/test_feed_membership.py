@@ -6,9 +6,13 @@ import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
 
+from pipeline.config import FeedConfig, Location
+from pipeline.errors import DeliveryFailed
+from pipeline.flows import aam
 from pipeline.membership import (
     DAY_MS,
     FeedMembership,
+    FeedVersion,
     empty_members,
     mirror,
     write_members,
@@ -136,3 +140,20 @@ def test_retention_deletes_old_versions_and_refuses_state_before_them(tmp_path):
     assert head.has_state_before(3 * DAY_MS + 1)
     kept = {e.path.split("/")[2] for e in store.list(fm.folder + "/")}
     assert kept == {"HEAD.json", *(v.folder for v in head.versions)}
+
+
+@pytest.mark.parametrize(("removed", "ratio", "fails"), [
+    (5, 0.5, False),  # exactly the ratio: allowed (strictly more fails)
+    (6, 0.5, True),
+    (10, 1.0, False),
+])
+def test_removal_valve_is_strict(removed, ratio, fails):
+    feed = FeedConfig("emails", Location("/unused"), max_removal_ratio=ratio)
+    base = FeedVersion("d1", 1, 10, 1, "v")
+    mirrored = aam.Mirroring({}, removed=removed)
+    if fails:
+        with pytest.raises(DeliveryFailed, match=f"remove {removed} of 10 .*max_removal_ratio"):
+            aam._check_removals(feed, base, mirrored)
+    else:
+        aam._check_removals(feed, base, mirrored)
+    aam._check_removals(feed, None, aam.Mirroring({}, removed=0))  # first delivery: no base

@@ -12,9 +12,12 @@ from pathlib import Path
 import polars as pl
 
 from pipeline.cli import main
-from pipeline.membership import FeedMembership
+from pipeline.config import DestinationConfig, Location
+from pipeline.membership import FeedMembership, mirror
 from pipeline.spill import Spill
+from pipeline.stages.publish import CampaignListWriter, DeliveryKey
 from pipeline.stores import StoreOptions, open_store
+from pipeline.tables import check_output, check_rows
 from tests.factories import delivery_files, put_all, write_snapshot
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -91,7 +94,9 @@ gzip = true
 
     def run(self, *args: str, capsys, command: str = "run") -> tuple[int, dict]:
         code = main([command, "--config", str(self.config), "--json", *args])
-        return code, json.loads(capsys.readouterr().out)
+        out = capsys.readouterr()
+        assert out.out, out.err[-1000:]
+        return code, json.loads(out.out)
 
     def outputs(self) -> dict[str, bytes]:
         files = {}
@@ -106,8 +111,9 @@ gzip = true
 
     def inbound(self, day: int) -> str:
         stamp = int(ROOTS[day].rpartition("_")[2]) // 1000
-        key = f"ec/date=2017-02-0{day}/ftp_dpm_7_{stamp}.sync.gz"
-        return gzip.decompress(self.outputs()[key]).decode()
+        prefix = f"ec/date=2017-02-0{day}/ftp_dpm_7_{stamp}.sync."
+        (data,) = [v for k, v in self.outputs().items() if k.startswith(prefix)]
+        return gzip.decompress(data).decode()
 
     def membership(self) -> tuple[list[tuple[str, int]], pl.DataFrame]:
         """(delivery, pairs) of every kept version, and the newest version's pairs."""
@@ -294,3 +300,22 @@ target = "{tmp_path}/out"
         "but versions before 2017-02-02 were deleted (membership_retention_days = 1); "
         "backfill from a later date"]
     assert main([*argv, "--from", "2017-02-03"]) == 0
+
+
+def test_parquet_campaign_list_leavers_have_null_matched_on(tmp_path):
+    old = pl.DataFrame({"profile_id": ["P1", "P2"], "segment_id": [111, 111]},
+                       schema={"profile_id": pl.String, "segment_id": pl.UInt32})
+    today = pl.DataFrame({"profile_id": ["P1"], "segment_id": [111], "action": ["add"],
+                          "matched_on": ["email"]},
+                         schema={"profile_id": pl.String, "segment_id": pl.UInt32,
+                                 "action": pl.String, "matched_on": pl.String})
+    leavers = mirror(today, old, full=True).leavers
+    dest = DestinationConfig("crm", "campaign_list", Location("/unused"), format="parquet")
+    writer = CampaignListWriter(dest, DeliveryKey("emails", ROOTS[3], 1486116000), tmp_path)
+    writer.add(pl.concat([today, leavers]))
+    ((_, local),) = writer.finish().files
+    table = pl.read_parquet(local)
+    assert table.select("profile_id", "action", "matched_on").rows() == [
+        ("P1", "add", "email"), ("P2", "remove", None)]
+    check_output(table.schema, "campaign_list", "written")
+    check_rows(table.lazy(), "campaign_list", "written")

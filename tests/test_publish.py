@@ -106,7 +106,7 @@ def test_campaign_list_output_matches_its_schema(tmp_path: Path, fmt: str) -> No
 
 
 def test_golden_campaign_lists_match_the_schema() -> None:
-    for name in ("e2e_campaign.csv", "resolution_campaign.csv"):
+    for name in ("e2e_campaign.csv", "resolution_campaign.csv", "full_day3_campaign.csv"):
         table = pl.read_csv(GOLDEN / name, schema_overrides={"profile_id": pl.String})
         assert table.height > 0
         check_output(table.schema, "campaign_list", name)
