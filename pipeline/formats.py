@@ -267,7 +267,7 @@ def _entry(obj: Any, where: str) -> InfoEntry:
     if not isinstance(obj, dict):
         raise DeliveryFailed(f"info: {where} is not an object")
     name = _field(obj, "FileName")
-    if not isinstance(name, str) or not name or "/" in name:
+    if not isinstance(name, str) or not name or "/" in name or file_name_problem(name):
         raise DeliveryFailed(f"info: {where}.FileName missing or not a plain file name")
     md5 = _field(obj, "md5")
     if md5 is not None and (not isinstance(md5, str) or not _MD5.fullmatch(md5)):

@@ -313,6 +313,8 @@ def _info(**entry: object) -> str:
         (_info(FileName=None), "Files[0].FileName"),
         (_info(FileName=""), "Files[0].FileName"),
         (_info(FileName="../x.sync"), "Files[0].FileName"),
+        (_info(FileName="a\nb.sync"), "Files[0].FileName"),  # one-line reasons only
+        (_info(FileName="a\u2028.sync"), "Files[0].FileName"),
         (_info(FileByteSize=None), "Files[0].FileByteSize"),
         (_info(FileByteSize="5"), "Files[0].FileByteSize"),
         (_info(FileByteSize=-1), "Files[0].FileByteSize"),
