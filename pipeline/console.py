@@ -6,6 +6,7 @@ import sys
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.status import Status
 from rich.table import Table
 
@@ -35,7 +36,7 @@ class Progress:
         self.done += 1
         if self.enabled:
             self.console.print(
-                f"[{self.done}] {rep.feed}/{rep.delivery}: {rep.status} "
+                f"[{self.done}] {escape(rep.feed)}/{escape(rep.delivery)}: {rep.status} "
                 f"received={rep.records_received} matched={rep.matched}",
                 highlight=False,
             )
@@ -50,13 +51,15 @@ def print_report(report: RunReport, console: Console | None = None) -> None:
     for name in COUNTS:
         table.add_column(name.replace("_", " "), justify="right")
     for d in report.deliveries:
-        table.add_row(f"{d.feed}/{d.delivery}", d.status, *(str(v) for v in d.counts().values()))
+        table.add_row(escape(f"{d.feed}/{d.delivery}"), d.status,
+                      *(str(v) for v in d.counts().values()))
     totals = report.totals()
     table.add_row("[b]total[/b]", "", *(str(totals[n]) for n in COUNTS))
     console.print(table)
     for d in report.deliveries:
         if d.reason:
-            console.print(f"  {d.delivery}: {d.status}: {d.reason}", highlight=False)
+            # Names come from file names and keys: printed as they are, never as markup.
+            console.print(escape(f"  {d.delivery}: {d.status}: {d.reason}"), highlight=False)
     if report.leavers():
         console.print(f"leavers (pairs removed by full deliveries): {report.leavers()}",
                       highlight=False)
@@ -79,6 +82,7 @@ def print_status(data: dict[str, Any], console: Console | None = None) -> None:
         for col in ("feed", "delivery", "status", "reason"):
             table.add_column(col)
         for d in data[title]:
-            table.add_row(d["feed"], d["delivery"], d["status"], d.get("reason") or "")
+            table.add_row(*(escape(v) for v in (d["feed"], d["delivery"], d["status"],
+                                                 d.get("reason") or "")))
         console.print(table)
     console.print(f"processed deliveries: {data['processed']}", highlight=False)

@@ -4,11 +4,15 @@ control characters in file names, links leaving the feed folder."""
 from __future__ import annotations
 
 import json
+import sys
 import uuid
 from pathlib import Path
 
 import pytest
+from rich.console import Console
 
+from pipeline.console import Progress, print_report, print_status
+from pipeline.report import DeliveryReport, RunReport
 from pipeline.stages.ingest import find_deliveries
 from pipeline.stores import open_store
 from tests.factories import delivery_files, write_snapshot
@@ -97,3 +101,20 @@ source = "s3://missing-{uuid.uuid4().hex[:12]}/in"
     assert "bucket does not exist" in gone["reason"] and "\n" not in gone["reason"]
     assert (emails["feed"], emails["status"]) == ("emails", "processed")
     assert report["totals"]["records_received"] == 3
+
+
+def test_names_that_look_like_console_markup_are_printed_as_they_are(capsys):
+    """File names reach the console; `[/x]` in one (an S3 key, an export in folders `a[` and
+    `x]`) must neither crash the report nor be swallowed as markup."""
+    name = "a[/x]/[bold]ftp_1_2_iter_1486140844000"
+    rep = DeliveryReport(feed="emails", delivery=name, status="failed", reason=f"{name}: [/x]")
+    Progress(enabled=True).delivery_done(rep)
+    print_report(RunReport(run_id="r", command="run", deliveries=[rep]),
+                 Console(file=sys.stdout, width=400))
+    print_status({"runs": [], "failed": [{"feed": "emails", "delivery": name, "status": "failed",
+                                          "reason": "[/x]"}], "pending": [], "processed": 0},
+                 Console(file=sys.stdout, width=400))
+    out, err = capsys.readouterr()
+    assert f"emails/{name}: failed" in err
+    assert f"emails/{name}" in out and f"{name}: failed: {name}: [/x]" in out
+    assert out.count(name) == 4
