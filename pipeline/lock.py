@@ -41,13 +41,13 @@ class StateLock:
     """Lock file on the state store, renewed by a heartbeat thread while held."""
 
     def __init__(self, store: Store, run_id: str, now: datetime | None = None,
-                 lease: timedelta = LEASE, renew_every: timedelta = RENEW_EVERY,
+                 lease: timedelta | None = None, renew_every: timedelta | None = None,
                  clock: Callable[[], datetime] | None = None) -> None:
         self.store = store
         self.run_id = run_id
         self.clock = clock or (lambda: datetime.now(UTC))
         self.since = now or self.clock()
-        self.lease, self.renew_every = lease, renew_every
+        self.lease, self.renew_every = lease or LEASE, renew_every or RENEW_EVERY
         self.token = secrets.token_hex(8)
         self.held = False
         self.lost = False  # the heartbeat found the lock taken over (after a lapse)

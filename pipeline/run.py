@@ -110,6 +110,9 @@ def _run(config: Config, options: RunOptions, report: RunReport, workdir: Path,
                 report.deliveries.append(result)
                 if on_delivery:
                     on_delivery(result)
+                if lock is not None and lock.lost:  # another run may be publishing now
+                    raise FatalError("the state lock was taken over after its lease lapsed "
+                                     "(renewals failed); stopped before the next delivery")
     except BaseException as exc:
         report.error = ended_by(exc)
         if lock is not None and lock.held and state is not None:

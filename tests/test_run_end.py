@@ -180,3 +180,28 @@ def test_work_dir_must_be_local(tmp_path):
         load_config(cfg, {})
 
 
+
+
+def test_a_run_whose_lock_was_taken_over_stops_before_the_next_delivery(tmp_path, monkeypatch):
+    # Its renewals failed for a whole lease and another host took the lock over: the run
+    # must not go on publishing beside the new holder.
+    import time
+    from datetime import UTC, datetime, timedelta
+
+    from pipeline import lock as lock_module
+    monkeypatch.setattr(lock_module, "RENEW_EVERY", timedelta(seconds=0.05))
+    config = load_config(_env(tmp_path), {})
+    state = tmp_path / "state"
+
+    def taken_over(rep):
+        (state / LOCK_PATH).write_text(json.dumps({
+            "run_id": "newcomer", "token": "newcomer", "host": "another-host", "pid": 1,
+            "since": datetime.now(UTC).isoformat(),
+            "expires": (datetime.now(UTC) + timedelta(minutes=10)).isoformat()}))
+        time.sleep(0.5)  # a few heartbeats
+
+    with pytest.raises(FatalError, match="state lock was taken over"):
+        execute(config, RunOptions(), on_delivery=taken_over)
+    [saved] = _saved_runs(state)
+    assert [d["status"] for d in saved["deliveries"]] == ["processed"]  # not the second
+    assert json.loads((state / LOCK_PATH).read_text())["run_id"] == "newcomer"  # kept
