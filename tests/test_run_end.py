@@ -185,20 +185,29 @@ def test_work_dir_must_be_local(tmp_path):
 def test_a_run_whose_lock_was_taken_over_stops_before_the_next_delivery(tmp_path, monkeypatch):
     # Its renewals failed for a whole lease and another host took the lock over: the run
     # must not go on publishing beside the new holder.
-    import time
+    import threading
     from datetime import UTC, datetime, timedelta
 
     from pipeline import lock as lock_module
     monkeypatch.setattr(lock_module, "RENEW_EVERY", timedelta(seconds=0.05))
     config = load_config(_env(tmp_path), {})
     state = tmp_path / "state"
+    noticed = threading.Event()
+    renew = lock_module.StateLock.renew
+
+    def watched_renew(self):
+        renew(self)
+        if self.lost:
+            noticed.set()
+
+    monkeypatch.setattr(lock_module.StateLock, "renew", watched_renew)
 
     def taken_over(rep):
         (state / LOCK_PATH).write_text(json.dumps({
             "run_id": "newcomer", "token": "newcomer", "host": "another-host", "pid": 1,
             "since": datetime.now(UTC).isoformat(),
             "expires": (datetime.now(UTC) + timedelta(minutes=10)).isoformat()}))
-        time.sleep(0.5)  # a few heartbeats
+        assert noticed.wait(30)  # the next heartbeat finds it
 
     with pytest.raises(FatalError, match="state lock was taken over"):
         execute(config, RunOptions(), on_delivery=taken_over)
