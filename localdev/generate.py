@@ -45,6 +45,11 @@ class GenerateSpec:
     deliveries: int = 1  # per feed, one per day
     seed: int = 1
     bad_ratio: float = 0.01
+    # "mixed": the feeds above. "email": three email feeds, one per encoding (40% AES-GCM,
+    # 40% SHA-256 hex, 20% plain of `lines`), 30 segments. "nightly": `feeds` small email
+    # feeds of `lines` lines each, encodings in turn (see `email_feeds`).
+    workload: str = "mixed"
+    feeds: int = 20  # "nightly" only
 
 
 def demo_key(seed: int) -> bytes:
@@ -54,6 +59,8 @@ def demo_key(seed: int) -> bytes:
 def generate(output: str | Path, spec: GenerateSpec) -> dict:
     out = Path(output)
     key = demo_key(spec.seed)
+    if spec.workload != "mixed":
+        return _generate_email(out, spec, key)
     profiles = profile_frame(spec.profiles, spec.seed)
     snap = out / "profiles" / "snapshot.parquet"
     snap.parent.mkdir(parents=True, exist_ok=True)
@@ -122,7 +129,8 @@ def _below(row: pl.Expr, seed: int, stream: int, n: int) -> pl.Expr:
 # --------------------------------------------------------------------------------------------
 
 
-def profile_frame(n: int, seed: int) -> pl.DataFrame:
+def profile_frame(n: int, seed: int, opt_out: float = 0.03,
+                  blacklisted: float = 0.01) -> pl.DataFrame:
     i = pl.col("i")
     flag = _uniform(i, seed, 0)
     return pl.DataFrame({"i": pl.int_range(0, n, eager=True, dtype=pl.Int64)}).select(
@@ -132,8 +140,8 @@ def profile_frame(n: int, seed: int) -> pl.DataFrame:
         country=pl.lit("FR"),
         ecid=_ecid(i),
         crm_id=pl.format("CRM{}", i),
-        opt_out=flag < 0.03,
-        blacklisted=(flag >= 0.03) & (flag < 0.04),
+        opt_out=flag < opt_out,
+        blacklisted=(flag >= opt_out) & (flag < opt_out + blacklisted),
     )
 
 
@@ -259,15 +267,137 @@ class _FeedLines:
     make_ids: IdFactory
     bad_ratio: float
 
+    many_segments: bool = False  # email workload: 1-4 of 30 segments, ~70% matched
+
     def chunk(self, start: int, stop: int) -> pl.Series:
         frame = pl.DataFrame({"row": pl.int_range(start, stop, eager=True, dtype=pl.Int64)})
-        frame = frame.with_columns(idx=_picks(pl.col("row"), self.profiles, self.seed))
+        picks = _email_picks if self.many_segments else _picks
+        frame = frame.with_columns(idx=picks(pl.col("row"), self.profiles, self.seed))
         frame = frame.with_columns(user=self.make_ids(frame, self.seed, self.key))
+        if self.many_segments:
+            return email_segment_lines(frame, self.seed, self.bad_ratio)
         return segment_lines(frame, self.seed, self.bad_ratio)
 
     def chunks(self, start: int, stop: int) -> Iterator[pl.Series]:
         for lo in range(start, stop, CHUNK_ROWS):
             yield self.chunk(lo, min(lo + CHUNK_ROWS, stop))
+
+
+# --------------------------------------------------------------------------------------------
+# Email workloads: one feed per encoding, 30 segments
+# --------------------------------------------------------------------------------------------
+
+EMAIL_SEGMENTS = tuple(range(1001, 1031))  # all 30 mapped to traits 9001..9030 in benchmarks
+EMAIL_FEEDS = (("encrypted", "encrypted", 0.4), ("hashed", "sha256", 0.4),
+               ("plain", "plain", 0.2))  # (feed, id_encoding, share of lines)
+MATCH_RATIO = 0.7
+
+
+def email_feeds(spec: GenerateSpec) -> list[tuple[str, str, int]]:
+    """(feed name, id_encoding, lines) of an email workload."""
+    if spec.workload == "email":
+        return [(name, enc, max(round(spec.lines * share), 1))
+                for name, enc, share in EMAIL_FEEDS]
+    if spec.workload == "nightly":
+        return [(f"{EMAIL_FEEDS[i % 3][0]}{i + 1:02d}", EMAIL_FEEDS[i % 3][1], spec.lines)
+                for i in range(spec.feeds)]
+    raise ValueError(f"unknown workload {spec.workload!r}")
+
+
+def _generate_email(out: Path, spec: GenerateSpec, key: bytes) -> dict:
+    snap = out / "profiles" / "snapshot.parquet"
+    snap.parent.mkdir(parents=True, exist_ok=True)
+    # ~5% of profiles suppressed (3.5% opted out, 1.5% blacklisted).
+    profile_frame(spec.profiles, spec.seed, 0.035, 0.015).write_parquet(snap)
+    factories = {"encrypted": encrypted_email_ids, "sha256": hashed_email_ids,
+                 "plain": plain_email_ids}
+    feeds, written, encodings = {}, {}, {}
+    for n, (name, encoding, lines) in enumerate(email_feeds(spec)):
+        folder = out / "feeds" / name
+        feeds[name], encodings[name], written[name] = str(folder), encoding, []
+        for d in range(spec.deliveries):
+            ts = BASE_TS_MS + d * DAY_MS + n * 1000
+            feed_lines = _FeedLines(spec.profiles, lines, spec.seed * 1000 + d * 10 + n, key,
+                                    factories[encoding], spec.bad_ratio, many_segments=True)
+            root = f"ftp_5000_{7000 + n}_iter_{ts}"
+            written[name] += write_delivery(folder, root, feed_lines, spec.files)
+    return {"profiles": str(snap), "feeds": feeds, "encodings": encodings, "files": written,
+            "key_env": KEY_ENV, "key_hex": key.hex(),
+            "segments": list(EMAIL_SEGMENTS)}
+
+
+def _email_picks(row: pl.Expr, profiles: int, seed: int) -> pl.Expr:
+    """Profile index per line; ~30% point past the snapshot (unmatched IDs)."""
+    return _below(row, seed, 1, max(round(profiles / MATCH_RATIO), 1))
+
+
+def _varied_email(frame_seed: int) -> pl.Expr:
+    """The profile's email, 5% of them upper-case (normalization has work to do)."""
+    upper = _uniform(pl.col("row"), frame_seed, 9) < 0.05
+    email = _email(pl.col("idx"))
+    return pl.when(upper).then(email.str.to_uppercase()).otherwise(email)
+
+
+def encrypted_email_ids(frame: pl.DataFrame, seed: int, key: bytes) -> pl.Series:
+    emails = frame.select(_varied_email(seed)).to_series()
+    nonce = frame.select(hi=_u64(pl.col("row"), seed, 7),
+                         lo=_u64(pl.col("row"), seed, 8) % (1 << 32))
+    return _encrypt_batch(emails.to_list(), nonce["hi"].to_list(), nonce["lo"].to_list(), key)
+
+
+def hashed_email_ids(frame: pl.DataFrame, seed: int, key: bytes) -> pl.Series:
+    return frame.select(sha256_hex(_email(pl.col("idx")))).to_series()
+
+
+def plain_email_ids(frame: pl.DataFrame, seed: int, key: bytes) -> pl.Series:
+    return frame.select(_varied_email(seed)).to_series()
+
+
+def _combo_table() -> tuple[list[str], list[str], list[int], list[int]]:
+    """Every set of 1-4 of the 30 segments as `a,b,..`, a removal outside it per set, and the
+    (offset, count) of each size in the table."""
+    added, removed, offsets, counts = [], [], [], []
+    for size in (1, 2, 3, 4):
+        offsets.append(len(added))
+        subsets = list(combinations(EMAIL_SEGMENTS, size))
+        counts.append(len(subsets))
+        for combo in subsets:
+            added.append(",".join(map(str, combo)))
+            after = [s for s in EMAIL_SEGMENTS if s not in combo]
+            removed.append(str(after[(combo[-1] - EMAIL_SEGMENTS[0]) % len(after)]))
+    return added, removed, offsets, counts
+
+
+_COMBOS: tuple[list[str], list[str], list[int], list[int]] | None = None
+
+
+def email_segment_lines(frame: pl.DataFrame, seed: int, bad_ratio: float) -> pl.Series:
+    """`USER SEGS[ REMOVED]`: 1-4 segments (size uniform), ~10% with a removal."""
+    global _COMBOS
+    if _COMBOS is None:
+        _COMBOS = _combo_table()
+    added_t, removed_t, offsets, counts = _COMBOS
+    row = pl.col("row")
+    size = _below(row, seed, 10, 4)
+    offset = pl.lit(pl.Series(offsets, dtype=pl.Int64)).gather(size)
+    count = pl.lit(pl.Series(counts, dtype=pl.Int64)).gather(size)
+    combo = offset + (_u64(row, seed, 4) % count.cast(pl.UInt64)).cast(pl.Int64)
+    frame = frame.with_columns(
+        _added=pl.lit(pl.Series(added_t)).gather(combo),
+        _removal=pl.lit(pl.Series(removed_t)).gather(combo))
+    r_bad = _uniform(row, seed, 3)
+    good = pl.concat_str(
+        pl.col("user"), pl.lit(" "), pl.col("_added"),
+        pl.when(_uniform(row, seed, 5) < 0.1).then(pl.lit(" ") + pl.col("_removal"))
+        .otherwise(pl.lit("")),
+    )
+    line = (
+        pl.when(r_bad < bad_ratio / 2).then(pl.col("user") + " 1001,abc")
+        .when(r_bad < bad_ratio)
+        .then(pl.format("not-an-id-{} 1002", _below(row, seed, 6, 10**6)))
+        .otherwise(good)
+    )
+    return frame.select(line.alias("line")).get_column("line")
 
 
 def write_delivery(folder: Path, root: str, lines: _FeedLines, files: int) -> list[str]:
