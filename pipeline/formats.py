@@ -480,6 +480,33 @@ def inbound_lines(rows: pl.DataFrame) -> pl.DataFrame:
     )
 
 
+def inbound_pieces(rows: pl.DataFrame) -> pl.DataFrame:
+    """The text of `inbound_lines` (no signal limit) as one piece per signal, in line order.
+
+    Columns `line` (0-based line number) and `text`; joining the pieces of lines a..b gives
+    those lines, each ending in a newline. Built by comparing each row with its neighbours
+    in the sorted signals instead of grouping by DPUUID again: a second group-by on 64-char
+    strings cost more than the sort.
+    """
+    _check_inbound_rows(rows)
+    dpuuid = pl.col("dpuuid")
+    first = (dpuuid != dpuuid.shift(1)).fill_null(True)
+    last = (dpuuid != dpuuid.shift(-1)).fill_null(True)
+    signal = (pl.when(pl.col("add")).then(pl.lit("d_sid=")).otherwise(pl.lit("d_unsid="))
+              + pl.col("trait_id").cast(pl.String))
+    text = pl.concat_str(
+        pl.when(first).then(dpuuid + "\t").otherwise(pl.lit(",")), signal,
+        pl.when(last).then(pl.lit("\n")).otherwise(pl.lit("")))
+    return (
+        rows.lazy()
+        .group_by("dpuuid", pl.col("trait_id").cast(pl.Int64))
+        .agg(add=(pl.col("action") == "add").any())
+        .sort("dpuuid", ~pl.col("add"), "trait_id")
+        .select(line=(first.cum_sum() - 1).cast(pl.UInt32), text=text)
+        .collect()
+    )
+
+
 def _check_inbound_rows(rows: pl.DataFrame) -> None:
     # Counts only: a DPUUID may be a hashed email or CRM ID and never goes into a message.
     checks = {

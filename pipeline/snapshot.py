@@ -111,6 +111,10 @@ class Snapshots:
                     _b=text_bucket(pl.col("profile_id"), buckets))
                 self._spill.write(attrs_name, attrs.collect(), bucket="_b")
         self._attrs.add(attrs_name)
+        for b in range(buckets):  # a key may repeat across slices: settled once, here
+            part = self._spill.scan(keys_name, b)
+            if part is not None:
+                self._spill.replace(keys_name, b, unique_keys(part).collect())
         phones = None
         if "phone" in kinds:
             normalized = self._spill.scan(_name("normalized", label))
@@ -185,9 +189,7 @@ class ProfileIndex:
     def keys(self, bucket: int) -> pl.LazyFrame:
         """(key, matched_on, profile_id, suppressed) of one key bucket, one row per key."""
         part = self.spill.scan(self.keys_name, bucket)
-        if part is None:
-            return _empty_keys()
-        return unique_keys(part)  # again: a key may repeat across snapshot slices
+        return _empty_keys() if part is None else part
 
     def attributes(self, bucket: int) -> pl.LazyFrame:
         part = self.spill.scan(self.attrs_name, bucket)

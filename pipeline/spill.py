@@ -48,6 +48,14 @@ class Spill:
             rows.write_ipc(target, compression="uncompressed")
             self._rows.setdefault((name, int(b)), []).append((target, rows.height))
 
+    def replace(self, name: str, bucket: int, frame: pl.DataFrame) -> None:
+        """One bucket's parts replaced by `frame` (e.g. once deduplicated)."""
+        for part in self.parts(name, bucket):
+            part.unlink()
+        target = self.folder / name / f"b={bucket}" / "000000.arrow"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        frame.write_ipc(target, compression="uncompressed")
+
     def parts(self, name: str, bucket: int = 0) -> list[Path]:
         """Part files of one bucket in write order."""
         folder = self.folder / name / f"b={bucket}"

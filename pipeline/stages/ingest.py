@@ -7,12 +7,12 @@ import logging
 import posixpath
 import queue
 import threading
-import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import date
 
 import polars as pl
+from isal import isal_zlib
 
 from pipeline.errors import DeliveryFailed, IncompleteDelivery
 from pipeline.formats import (
@@ -309,11 +309,13 @@ def _frame(buffer: bytearray, cut: int, seq: int,
 
 
 class _Gunzip:
-    """Incremental gzip that accepts multi-member files and spots truncation."""
+    """Incremental gzip that accepts multi-member files and spots truncation.
+
+    ISA-L's inflate (the zlib API, same results) takes less than half zlib's time."""
 
     def __init__(self, base: str) -> None:
         self.base = base
-        self._z = zlib.decompressobj(wbits=31)
+        self._z = isal_zlib.decompressobj(wbits=31)
 
     def feed(self, block: bytes, size: int) -> Iterator[bytes]:
         """The text of `block` in pieces of at most `size` bytes."""
@@ -328,10 +330,10 @@ class _Gunzip:
                     if not self._z.unused_data:
                         return
                     data = self._z.unused_data
-                    self._z = zlib.decompressobj(wbits=31)
+                    self._z = isal_zlib.decompressobj(wbits=31)
                 elif not data and len(out) < size:
                     return
-        except zlib.error as exc:
+        except isal_zlib.error as exc:
             raise DeliveryFailed(f"{self.base}: corrupt gzip ({exc})") from None
 
     def finish(self) -> None:

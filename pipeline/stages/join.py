@@ -46,11 +46,11 @@ def profile_table(snapshot: pl.LazyFrame, default_country: str | None,
         phone=col("phone"),
         country=country,
         **matches,
-    ).with_columns(
-        phone_key=identity.sha256_hex(pl.col("phone_e164")),
-        ecid_key=identity.sha256_hex(pl.col("ecid")),
-        crm_key=identity.sha256_hex(pl.col("crm_id")),
-    )
+    ).with_columns(**{  # a key no feed matches on is not worth a SHA-256 per profile
+        f"{kind}_key": (identity.sha256_hex(pl.col(source)) if kind in kinds
+                        else pl.lit(None, pl.String))
+        for kind, source in (("phone", "phone_e164"), ("ecid", "ecid"), ("crm", "crm_id"))
+    })
 
 
 def known_phones(profiles: pl.LazyFrame) -> pl.LazyFrame:
@@ -86,9 +86,17 @@ def profile_keys(profiles: pl.LazyFrame, kinds: tuple[str, ...],
 
 
 def unique_keys(keys: pl.LazyFrame) -> pl.LazyFrame:
-    """One row per key: the smallest profile_id wins."""
-    return keys.sort("profile_id", "matched_on").unique(
-        subset="key", keep="first", maintain_order=True)
+    """One row per key: the smallest profile_id wins.
+
+    Only keys that repeat are sorted: nearly all are unique, and a sort by profile_id
+    strings over a million rows cost more than the rest of the index.
+    """
+    repeated = pl.col("key").is_duplicated()
+    return pl.concat([
+        keys.filter(~repeated),
+        keys.filter(repeated).sort("profile_id", "matched_on").unique(
+            subset="key", keep="first", maintain_order=True),
+    ])
 
 
 def match(resolved: pl.LazyFrame, keys: pl.LazyFrame) -> pl.LazyFrame:
