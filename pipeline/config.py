@@ -89,6 +89,7 @@ class Config:
     destinations: tuple[DestinationConfig, ...]
     profile_columns: Mapping[str, str] = field(default_factory=dict)  # product -> snapshot
     work_dir: str | None = None  # local folder for per-run work folders; None: system temp
+    index_cache: bool = True  # [profiles] index_cache: reuse the normalized snapshot index
 
     @property
     def crm_matches(self) -> dict[str, str]:
@@ -120,7 +121,8 @@ def parse_config(raw: Mapping[str, Any], env: Mapping[str, str], base_dir: Path,
     _known(state, "state", {"location", "known_hosts", "identity_file", "work_dir"})
     profiles = _table(raw, "profiles", required=True)
     _known(profiles, "profiles",
-           {"snapshot", "default_country", "known_hosts", "identity_file", "columns"})
+           {"snapshot", "default_country", "known_hosts", "identity_file", "columns",
+            "index_cache"})
     columns = _profile_columns(profiles.get("columns"))
     feeds_raw = _array(raw, "feeds")
     dests_raw = _array(raw, "destinations")
@@ -143,6 +145,7 @@ def parse_config(raw: Mapping[str, Any], env: Mapping[str, str], base_dir: Path,
         destinations=dests,
         profile_columns=columns,
         work_dir=_work_dir(state, base_dir),
+        index_cache=_opt(profiles, "profiles", "index_cache", bool, True),
     )
 
 

@@ -92,10 +92,11 @@ def _run(config: Config, options: RunOptions, report: RunReport, workdir: Path,
             lock = StateLock(lock_store, run_id, now)
             lock.acquire()  # LockHeld says it all
         kinds = tuple(k for k in KEY_KINDS if any(k in f.kinds for f in config.feeds))
+        cache = state if config.index_cache and not options.dry_run else None
         with _step("open the profile snapshot"):
             snapshots = _keep(stores, Snapshots(config.snapshot, config.default_country,
                                                 str(workdir), kinds, config.profile_columns,
-                                                config.crm_matches))
+                                                config.crm_matches, cache))
         targets = {}
         for d in config.destinations:
             with _step(f"open destination {d.name}"):

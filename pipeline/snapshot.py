@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import re
@@ -11,7 +12,9 @@ import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import date
+from pathlib import Path
 
+import phonenumbers
 import polars as pl
 
 from pipeline.config import Location
@@ -38,8 +41,10 @@ class Snapshots:
     def __init__(self, location: Location, default_country: str | None, workdir: str,
                  kinds: tuple[str, ...] = ("ecid", "email", "phone", "crm"),
                  columns: Mapping[str, str] | None = None,
-                 matches: Mapping[str, str] | None = None) -> None:
+                 matches: Mapping[str, str] | None = None,
+                 cache: Store | None = None) -> None:
         self.location = location
+        self.cache = IndexCache(cache) if cache is not None else None
         # product name -> snapshot name, and crm feeds' own match columns -> their config key
         self.names = SnapshotNames(dict(columns or {}), dict(matches or {}))
         self.kinds = kinds  # every key kind the run's feeds need: normalized in one pass
@@ -51,6 +56,7 @@ class Snapshots:
         self._normalized: dict[str, int] = {}  # partition label -> profile count
         self._indexes: dict[tuple, ProfileIndex] = {}
         self._attrs: set[str] = set()  # attribute spills written (per partition and buckets)
+        self.reused: set[str] = set()  # partitions whose normalized index came from the cache
 
     def profiles(self, as_of: date | None) -> tuple[str, pl.DataFrame]:
         """(partition label, normalized profile table) for the latest snapshot <= as_of."""
@@ -85,16 +91,43 @@ class Snapshots:
         return self._indexes[ikey]
 
     def _normalize(self, label: str, paths: list[str]) -> int:
-        scan = _checked_scan([self._fetch(p) for p in paths], self.location.url, self.names)
+        local = [self._fetch(p) for p in paths]
+        name = _name("normalized", label)
+        fingerprint = None
+        if self.cache is not None:
+            fingerprint = self._fingerprint(paths, local)
+            cached = self.cache.restore(fingerprint, self._spill.path(name))
+            if cached is not None:
+                self.reused.add(label)
+                log.info("snapshot=%s profiles=%d index=reused", label or "single", cached)
+                return cached
+        scan = _checked_scan(local, self.location.url, self.names)
         total: int = scan.select(pl.len()).collect().item()
         kinds = self.kinds
-        name = _name("normalized", label)
         for offset in range(0, max(total, 1), SLICE_ROWS):
             table = profile_table(scan.slice(offset, SLICE_ROWS), self.default_country,
                                   kinds)
             self._spill.write(name, table.collect())
         log.info("snapshot=%s profiles=%d kinds=%s", label or "single", total, ",".join(kinds))
+        if self.cache is not None and fingerprint is not None:
+            self.cache.save(fingerprint, self._spill.parts(name), total)
         return total
+
+    def _fingerprint(self, paths: list[str], local: list[str]) -> str:
+        """What the normalized index depends on: the snapshot's bytes (md5 of each file), the
+        key kinds, the default country and the rules' versions."""
+        files = []
+        for path, copy in zip(paths, local, strict=True):
+            md5 = hashlib.md5()  # noqa: S324 - identity of a file, not security
+            with open(copy, "rb") as fh:
+                while block := fh.read(8 << 20):
+                    md5.update(block)
+            files.append([path, os.path.getsize(copy), md5.hexdigest()])
+        doc = {"format": CACHE_FORMAT, "kinds": list(self.kinds), "files": files,
+               "default_country": self.default_country, "polars": pl.__version__,
+               "phonenumbers": phonenumbers.__version__,
+               "columns": self.names.columns, "matches": sorted(self.names.matches)}
+        return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:32]
 
     def _bucketize(self, label: str, kinds: tuple[str, ...], buckets: int,
                    match_column: str | None) -> ProfileIndex:
@@ -116,7 +149,7 @@ class Snapshots:
             if part is not None:
                 self._spill.replace(keys_name, b, unique_keys(part).collect())
         phones = None
-        if "phone" in kinds:
+        if "phone" in kinds and label not in self.reused:  # the cache holds no numbers
             normalized = self._spill.scan(_name("normalized", label))
             phones = known_phones(normalized).collect() if normalized is not None else None
         return ProfileIndex(self._spill, keys_name, attrs_name, buckets, phones)
@@ -175,6 +208,64 @@ def _choose(files: list[str], as_of: date | None, url: str) -> tuple[str, list[s
 
 
 SLICE_ROWS = 500_000  # each slice is one batch of phone parsing
+CACHE_FORMAT = 1  # bump when the normalized table or a normalization rule changes
+CACHE_FOLDER = "cache/snapshot-index"
+# Columns of the normalized table the cache leaves out: plain phone numbers and the country
+# used to parse them. What it keeps is hashed keys, profile IDs, the suppression flag and the
+# DPUUID attributes (ECID, CRM ID) that destinations write anyway.
+UNCACHED = ("phone", "phone_e164", "country")
+
+
+class IndexCache:
+    """Normalized snapshot tables kept in the state store between runs, one folder per
+    fingerprint: `<fingerprint>/part-NNNNNN.arrow` (Arrow IPC, zstd), then `index.json`
+    written last, so a half-written cache is never read."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.used: set[str] = set()
+
+    def restore(self, fingerprint: str, folder: Path) -> int | None:
+        """Copy a complete cached table into `folder`; its row count, or None on a miss."""
+        marker = f"{CACHE_FOLDER}/{fingerprint}/index.json"
+        try:
+            if not self.store.exists(marker):
+                return None
+            doc = json.loads(self.store.read_bytes(marker))
+            folder = folder / "b=0"
+            folder.mkdir(parents=True, exist_ok=True)
+            for n, part in enumerate(doc["parts"]):
+                with (self.store.open_read(f"{CACHE_FOLDER}/{fingerprint}/{part}") as src,
+                      open(folder / f"{n:06d}.arrow", "wb") as out):
+                    shutil.copyfileobj(src, out, 8 << 20)
+        except (OSError, ValueError, KeyError) as exc:  # a broken cache is rebuilt, not fatal
+            log.warning("snapshot index cache unreadable (%s): rebuilding", type(exc).__name__)
+            shutil.rmtree(folder, ignore_errors=True)
+            return None
+        self.used.add(fingerprint)
+        return int(doc["profiles"])
+
+    def save(self, fingerprint: str, parts: list[Path], total: int) -> None:
+        """Store the normalized parts (without plain phone numbers), then drop caches of
+        snapshots this run did not use."""
+        try:
+            names = []
+            for n, part in enumerate(parts):
+                local = part.with_suffix(".cache")
+                pl.read_ipc(part).drop(UNCACHED, strict=False).write_ipc(
+                    local, compression="zstd")
+                names.append(f"part-{n:06d}.arrow")
+                self.store.put_file(str(local), f"{CACHE_FOLDER}/{fingerprint}/{names[-1]}")
+                local.unlink()
+            doc = {"profiles": total, "parts": names, "format": CACHE_FORMAT}
+            self.store.write_bytes(f"{CACHE_FOLDER}/{fingerprint}/index.json",
+                                   json.dumps(doc).encode())
+            self.used.add(fingerprint)
+            for entry in self.store.list(CACHE_FOLDER + "/"):
+                if entry.path.split("/")[2] not in self.used:
+                    self.store.delete(entry.path)
+        except OSError as exc:  # the run goes on; the next one rebuilds
+            log.warning("snapshot index cache not written (%s)", type(exc).__name__)
 ATTRS = ("profile_id", "email_key", "crm_id", "ecid")
 
 
