@@ -505,6 +505,25 @@ def fixed_cost(args: argparse.Namespace, results: list[Measured], runs: Path,
     return {"many_s": many, "one_s": one, "per_delivery_s": per}
 
 
+def nights(data: dict, runs: Path, env: dict[str, str], rss_limit_mb: int | None) -> dict:
+    """Night 1 builds the snapshot index and caches it in the state location; night 2
+    reprocesses the same deliveries (--force) against the unchanged snapshot."""
+    run_dir = runs / "nights"
+    config = write_config(run_dir, data)
+    out = {}
+    for night, extra in (("night1", []), ("night2", ["--force"])):
+        m = measure("pipeline", side_command("pipeline", config) + extra, run_dir, env,
+                    rss_limit_mb)
+        out[night] = {"wall_s": m.wall_s, "peak_rss_mb": m.peak_rss_mb, "exit": m.exit_code}
+        print(f"{night}: {m.wall_s:.1f} s, peak RSS {m.peak_rss_mb:,.0f} MB, exit {m.exit_code}",
+              flush=True)
+    cache = run_dir / "out" / "state" / "cache" / "snapshot-index"
+    size = sum(p.stat().st_size for p in cache.rglob("*") if p.is_file())
+    print(f"night 2 / night 1: {out['night2']['wall_s'] / out['night1']['wall_s']:.2f}; "
+          f"cache {size / 2**20:,.0f} MB")
+    return out | {"cache_mb": size / 2**20}
+
+
 def _code_version() -> str:
     """Commit of the measured code, `+dirty` when pipeline/ or benchmarks/ have changes."""
     try:
@@ -542,6 +561,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=1,
                         help="run the sides this many times, alternating; ratio = median of "
                              "the pairs (the machine is shared: repeat when noisy)")
+    parser.add_argument("--nights", action="store_true",
+                        help="pipeline only: night 1 (fresh state) then night 2 (--force, same "
+                             "state: the snapshot index is reused), both timed")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--data", type=Path, default=Path("bench-data"))
     parser.add_argument("--keep", action="store_true", help="keep the runs' outputs")
@@ -633,6 +655,8 @@ def main(argv: list[str] | None = None) -> int:
                    "problems": problems, "notes": notes}
     if args.workload == "nightly" and "pipeline" in sides:
         record["fixed_cost"] = fixed_cost(args, results, runs, env)
+    if args.nights:
+        record["nights"] = nights(data, runs, env, args.rss_limit_mb)
     for m in results:
         if m.side == "duckdb" and m.report.get("steps"):
             steps = ", ".join(f"{k} {v:.1f}" for k, v in m.report["steps"].items())
