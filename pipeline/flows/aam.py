@@ -49,6 +49,8 @@ from pipeline.stores import Store
 log = logging.getLogger(__name__)
 LINES_PER_BUCKET = 1_000_000  # resolved rows held in memory at once
 PROFILES_PER_BUCKET = 1_000_000
+MEMORY_ROWS = 3_000_000  # spilled rows (resolved, rejects, mentions) a one-bucket delivery
+# keeps in memory instead of files
 # Rows handled at once in passes 2 and 3. A bucket holds ~LINES_PER_BUCKET rows whatever the
 # input size, but not whatever the key distribution: one key in every line puts them all in
 # one bucket, which is then processed in batches. Above any normal bucket's size.
@@ -138,9 +140,11 @@ def process_delivery(ctx: Context, feed: FeedConfig, source: Store, delivery: De
                     late)
         return
     base = head.before(order)  # a re-run of the newest (after a crash): its predecessor
-    spill = Spill(Path(ctx.workdir) / "delivery")
-    spill.clear()
     buckets = bucket_count(delivery, ctx.snapshots.size(delivery.date))
+    # One bucket: spills stay in memory (up to a bound: the control file may understate).
+    spill = Spill(Path(ctx.workdir) / "delivery",
+                  memory_rows=MEMORY_ROWS if buckets == 1 else 0)
+    spill.clear()
     contacts = any(d.kind == "no_profile_contacts" for d in ctx.config.destinations)
     plan = Plan(feed, delivery, buckets, spill, contacts)
     # The snapshot's first normalization is mostly Python (phone parsing) and reading the
@@ -266,6 +270,7 @@ def match(plan: Plan, profiles: ProfileIndex, rep: DeliveryReport) -> None:
             keys = keys.collect().lazy()
         for rows in batches:
             _match_batch(plan, join.match(rows, keys).collect(), rep)
+    plan.spill.release("resolved")
 
 
 def _match_batch(plan: Plan, joined: pl.DataFrame, rep: DeliveryReport) -> None:
