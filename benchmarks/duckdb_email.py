@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import hashlib
 import json
 import os
 import sys
@@ -149,7 +150,10 @@ def run_delivery(con: duckdb.DuckDBPyConnection, feed: dict, info: Path, cfg: di
         else:
             traits = ", ".join(f"({int(s)}, {int(t)})" for s, t in dest["segments"].items())
             day = datetime.fromtimestamp(ts, tz=UTC).date().isoformat()
-            out = target / f"date={day}" / f"ftp_dpm_{dest['dpid']}_{ts}.sync.gz"
+            # The pipeline's name: split slot = 6 digits of sha256("<feed>/<root>") + part.
+            digest = hashlib.sha256(f"{feed['name']}/{root}".encode()).digest()
+            slot = (100_000 + int.from_bytes(digest[:8], "big") % 900_000) * 1000 + 1
+            out = target / f"date={day}" / f"ftp_dpm_{dest['dpid']}_{ts}.sync.{slot}.gz"
             out.parent.mkdir(parents=True, exist_ok=True)
             timed("aam inbound", con, f"""
             COPY (SELECT a.key, string_agg(CASE WHEN removal THEN 'd_unsid=' ELSE 'd_sid=' END

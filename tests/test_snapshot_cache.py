@@ -7,9 +7,9 @@ from pathlib import Path
 import polars as pl
 import pytest
 
+from localdev.generate import KEY_ENV, GenerateSpec, demo_key, generate
 from pipeline import snapshot
 from pipeline.cli import main
-from pipeline.generate import KEY_ENV, GenerateSpec, demo_key, generate
 
 
 def _config(tmp: Path, data: dict, tag: str, extra: str = "") -> Path:
