@@ -484,25 +484,29 @@ def inbound_pieces(rows: pl.DataFrame) -> pl.DataFrame:
     """The text of `inbound_lines` (no signal limit) as one piece per signal, in line order.
 
     Columns `line` (0-based line number) and `text`; joining the pieces of lines a..b gives
-    those lines, each ending in a newline. Built by comparing each row with its neighbours
-    in the sorted signals instead of grouping by DPUUID again: a second group-by on 64-char
-    strings cost more than the sort.
+    those lines, each ending in a newline. One sort by (DPUUID, trait, removal) puts every
+    repeat of a (DPUUID, trait) next to its add, so neighbours settle duplicates and lines
+    without any group-by on 64-char strings; a stable numeric sort then puts adds first.
     """
     _check_inbound_rows(rows)
-    dpuuid = pl.col("dpuuid")
+    dpuuid, trait = pl.col("dpuuid"), pl.col("trait_id")
+    removal = pl.col("action") != "add"
+    repeat = ((dpuuid == dpuuid.shift(1)) & (trait == trait.shift(1))).fill_null(False)
     first = (dpuuid != dpuuid.shift(1)).fill_null(True)
     last = (dpuuid != dpuuid.shift(-1)).fill_null(True)
-    signal = (pl.when(pl.col("add")).then(pl.lit("d_sid=")).otherwise(pl.lit("d_unsid="))
-              + pl.col("trait_id").cast(pl.String))
+    signal = (pl.when(pl.col("_removal")).then(pl.lit("d_unsid=")).otherwise(pl.lit("d_sid="))
+              + trait.cast(pl.String))
     text = pl.concat_str(
         pl.when(first).then(dpuuid + "\t").otherwise(pl.lit(",")), signal,
         pl.when(last).then(pl.lit("\n")).otherwise(pl.lit("")))
     return (
         rows.lazy()
-        .group_by("dpuuid", pl.col("trait_id").cast(pl.Int64))
-        .agg(add=(pl.col("action") == "add").any())
-        .sort("dpuuid", ~pl.col("add"), "trait_id")
-        .select(line=(first.cum_sum() - 1).cast(pl.UInt32), text=text)
+        .select("dpuuid", trait.cast(pl.Int64), _removal=removal)
+        .sort("dpuuid", "trait_id", "_removal")  # an add sorts before its removal: it wins
+        .filter(~repeat)
+        .with_columns(line=(first.cum_sum() - 1).cast(pl.UInt32))
+        .sort("line", "_removal", maintain_order=True)  # adds first, traits still ascending
+        .select("line", text=text)
         .collect()
     )
 

@@ -18,6 +18,7 @@ from pipeline.formats import (
     inbound_file_name,
     inbound_folder,
     inbound_lines,
+    inbound_pieces,
     info_name,
     parse_info,
     parse_lines,
@@ -691,6 +692,24 @@ def test_inbound_lines_golden() -> None:
             "ddd\td_sid=5",
         ),
     )
+
+
+def test_inbound_pieces_spell_the_same_lines() -> None:
+    """The writer's fast path: same lines as inbound_lines, duplicates and add-vs-remove of
+    one trait (two segments on one trait, or two profiles sharing a DPUUID) included."""
+    rows = _inbound([
+        ("ccc", 9003, "remove"), ("aaa", 9002, "remove"), ("bbb", 9001, "add"),
+        ("aaa", 9002, "add"), ("aaa", 9001, "remove"), ("aaa", 9003, "add"),
+        ("bbb", 9001, "add"), ("ccc", 9001, "remove"), ("aaa", 9002, "remove"),
+        ("ccc", 9002, "add"),
+    ])
+    pieces = inbound_pieces(rows)
+    assert pieces["text"].str.join("").item() == "".join(
+        f"{line}\n" for line in inbound_lines(rows)["line"])
+    assert pieces["text"].str.join("").item() == (
+        "aaa\td_sid=9002,d_sid=9003,d_unsid=9001\nbbb\td_sid=9001\n"
+        "ccc\td_sid=9002,d_unsid=9001,d_unsid=9003\n")
+    assert pieces["line"].to_list() == [0, 0, 0, 1, 2, 2, 2]
 
 
 def test_inbound_lines_empty() -> None:
