@@ -145,9 +145,9 @@ class Snapshots:
                 self._spill.write(attrs_name, attrs.collect(), bucket="_b")
         self._attrs.add(attrs_name)
         for b in range(buckets):  # a key may repeat across slices: settled once, here
-            part = self._spill.scan(keys_name, b)
-            if part is not None:
-                self._spill.replace(keys_name, b, unique_keys(part).collect())
+            bucket_keys = self._spill.scan(keys_name, b)
+            if bucket_keys is not None:
+                self._spill.replace(keys_name, b, unique_keys(bucket_keys).collect())
         phones = None
         if "phone" in kinds and label not in self.reused:  # the cache holds no numbers
             normalized = self._spill.scan(_name("normalized", label))

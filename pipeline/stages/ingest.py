@@ -10,6 +10,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import date
+from typing import cast
 
 import polars as pl
 from isal import isal_zlib
@@ -308,6 +309,10 @@ def _frame(buffer: bytearray, cut: int, seq: int,
     return frame, bad
 
 
+# isal's stubs declare its error as an instance of Exception; it is the class.
+_GZIP_ERROR = cast("type[Exception]", isal_zlib.error)
+
+
 class _Gunzip:
     """Incremental gzip that accepts multi-member files and spots truncation.
 
@@ -333,7 +338,7 @@ class _Gunzip:
                     self._z = isal_zlib.decompressobj(wbits=31)
                 elif not data and len(out) < size:
                     return
-        except isal_zlib.error as exc:
+        except _GZIP_ERROR as exc:
             raise DeliveryFailed(f"{self.base}: corrupt gzip ({exc})") from None
 
     def finish(self) -> None:
