@@ -136,7 +136,7 @@ class Snapshots:
         attrs_done = attrs_name in self._attrs
         for part in self._spill.parts(_name("normalized", label)):
             source = pl.scan_ipc(part)
-            keys = profile_keys(source, kinds, match_column).with_columns(
+            keys = profile_keys(source, kinds, match_column, unique=False).with_columns(
                 _b=key_bucket(pl.col("key"), buckets))
             self._spill.write(keys_name, keys.collect(), bucket="_b")
             if not attrs_done:

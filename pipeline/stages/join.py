@@ -6,6 +6,7 @@ Pure frame -> frame and free of global state, so it can run per key-hash bucket.
 from __future__ import annotations
 
 import polars as pl
+import polars_hash as plh
 
 from pipeline import identity
 
@@ -67,8 +68,9 @@ def crm_key_column(match_column: str | None) -> str:
 
 
 def profile_keys(profiles: pl.LazyFrame, kinds: tuple[str, ...],
-                 match_column: str | None = None) -> pl.LazyFrame:
-    """(key, matched_on, profile_id, suppressed), one row per key.
+                 match_column: str | None = None, unique: bool = True) -> pl.LazyFrame:
+    """(key, matched_on, profile_id, suppressed), one row per key (`unique=False`: one per
+    profile and kind, for a caller that settles repeats once over all its slices).
 
     Two profiles sharing a key (same email twice) resolve to the smallest profile_id, so the
     choice is deterministic across runs. On a key bucket this gives the same answer as on the
@@ -82,16 +84,18 @@ def profile_keys(profiles: pl.LazyFrame, kinds: tuple[str, ...],
         ).filter(pl.col("key").is_not_null())
         for kind in kinds
     ]
-    return unique_keys(pl.concat(parts))
+    return unique_keys(pl.concat(parts)) if unique else pl.concat(parts)
 
 
 def unique_keys(keys: pl.LazyFrame) -> pl.LazyFrame:
     """One row per key: the smallest profile_id wins.
 
-    Only keys that repeat are sorted: nearly all are unique, and a sort by profile_id
-    strings over a million rows cost more than the rest of the index.
+    Only keys that may repeat are sorted: nearly all are unique, and a sort by profile_id
+    strings over a million rows cost more than the rest of the index. Repeats are found on
+    a 64-bit hash of the key (hashing 64-char strings again inside `is_duplicated` took a
+    second per million keys); a hash collision only sends a unique key down the exact path.
     """
-    repeated = pl.col("key").is_duplicated()
+    repeated = plh.NonCryptographicHashingNameSpace(pl.col("key")).xxh3_64().is_duplicated()
     return pl.concat([
         keys.filter(~repeated),
         keys.filter(repeated).sort("profile_id", "matched_on").unique(
