@@ -226,9 +226,10 @@ def _guard(pid: int, limit_mb: int, killed: threading.Event) -> None:
 
 
 def side_command(side: str, config: Path, duckdb_memory: str | None = None,
-                 workload: str = "mixed") -> list[str]:
-    if side == "pipeline":
-        return [sys.executable, str(ROOT / "run_pipeline.py"), "run", "--config", str(config),
+                 workload: str = "mixed", baseline: Path | None = None) -> list[str]:
+    if side in ("pipeline", "baseline"):
+        root = baseline if side == "baseline" and baseline else ROOT
+        return [sys.executable, str(root / "run_pipeline.py"), "run", "--config", str(config),
                 "--json"]
     if workload != "mixed":  # the lean script written for the email workloads
         return [sys.executable, str(ROOT / "benchmarks" / "duckdb_email.py"), "--config",
@@ -564,6 +565,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nights", action="store_true",
                         help="pipeline only: night 1 (fresh state) then night 2 (--force, same "
                              "state: the snapshot index is reused), both timed")
+    parser.add_argument("--baseline", type=Path,
+                        help="a checkout of other code (e.g. `git archive` of an older commit): "
+                             "its run_pipeline.py replaces the DuckDB side, same data, "
+                             "alternating, outputs compared")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--data", type=Path, default=Path("bench-data"))
     parser.add_argument("--keep", action="store_true", help="keep the runs' outputs")
@@ -605,14 +610,18 @@ def main(argv: list[str] | None = None) -> int:
     # One folder per invocation: benchmarks run at the same time on one dataset must not
     # clear each other's outputs (they still share the CPU: their timings are not valid).
     runs = folder / "runs" / f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
-    dirs = {side: runs / side for side in ("pipeline", "duckdb")}
+    other = "baseline" if args.baseline else "duckdb"  # what the pipeline is compared with
+    if args.baseline:
+        sides = {"baseline" if x == "duckdb" else x for x in sides}
+    dirs = {side: runs / side for side in ("pipeline", other)}
     first_pair: tuple[list[str], list[str]] = ([], [])
     first_ok = False
     for attempt in range(args.repeat):
-        for side in ("pipeline", "duckdb"):
+        for side in ("pipeline", other):
             if side in sides:
                 config = write_config(dirs[side], data)
-                cmd = side_command(side, config, args.duckdb_memory_limit, args.workload)
+                cmd = side_command(side, config, args.duckdb_memory_limit, args.workload,
+                                   args.baseline)
                 m = measure(side, cmd, dirs[side], env, args.rss_limit_mb)
                 results.append(m)
                 guard = (f" (killed: RSS passed {m.killed_over_mb:,} MB)"
@@ -620,7 +629,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{side}: {m.wall_s:.1f} s, peak RSS {m.peak_rss_mb:,.0f} MB, "
                       f"exit {m.exit_code}{guard}", flush=True)
         if attempt == 0 and len(results) == 2:  # outputs compared once: later runs replace them
-            first_pair = compare(dirs["pipeline"], dirs["duckdb"], results[0].report,
+            first_pair = compare(dirs["pipeline"], dirs[other], results[0].report,
                                  results[1].report)
             first_ok = results[0].exit_code == 0 and results[1].exit_code == 0
 
@@ -634,12 +643,12 @@ def main(argv: list[str] | None = None) -> int:
     record: dict = {"workload": args.workload, "lines": args.lines, "profiles": args.profiles,
                     "files": args.files, "input_lines": rows, "code": code,
                     "runs": [asdict(m) | {"report": None} for m in results]}
-    if sides >= {"pipeline", "duckdb"} and results:
+    if sides >= {"pipeline", other} and results:
         pairs = [(results[i], results[i + 1]) for i in range(0, len(results) - 1, 2)]
         ratios = sorted(p.wall_s / d.wall_s for p, d in pairs)
         ratio = ratios[len(ratios) // 2]
         rss = max(p.peak_rss_mb for p, _ in pairs) / max(d.peak_rss_mb for _, d in pairs)
-        print(f"\nratio pipeline/duckdb: wall {ratio:.2f}"
+        print(f"\nratio pipeline/{other}: wall {ratio:.2f}"
               + (f" (median of {len(ratios)}: {', '.join(f'{r:.2f}' for r in ratios)})"
                  if len(ratios) > 1 else "")
               + f", peak RSS {rss:.2f}")
