@@ -14,6 +14,7 @@ from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.context import RunOptions
 from pipeline.errors import FatalError, PipelineError
+from pipeline.flows import aam
 from pipeline.lock import LOCK_PATH
 from pipeline.run import execute
 from pipeline.spill import Spill
@@ -95,9 +96,12 @@ def small_disk(tmp_path: Path):
         subprocess.run(["umount", "-l", str(folder)], capture_output=True)
 
 
-def test_really_full_work_disk_fails_only_the_big_delivery(tmp_path, small_disk, capsys):
+def test_really_full_work_disk_fails_only_the_big_delivery(tmp_path, small_disk, capsys,
+                                                           monkeypatch):
     # The first delivery's spills (polars writing Arrow IPC) fill a 3 MB work disk; the
-    # second, small one is processed after it in the same run.
+    # second, small one is processed after it in the same run. One-bucket deliveries keep
+    # up to MEMORY_ROWS spilled rows in memory: none here, so this one goes to the disk.
+    monkeypatch.setattr(aam, "MEMORY_ROWS", 0)
     cfg = _env(tmp_path)
     cfg.write_text(cfg.read_text().replace('work_dir = "work"', f'work_dir = "{small_disk}"'))
     big = [f"user{i:07d}@example.com 111,112,113 114" for i in range(200_000)]
