@@ -107,6 +107,8 @@ def main() -> None:
         hot = _gzip_repeated(b"hot@example.com 111,112 113\n", args.lines)
         print(json.dumps(_case(work, f"{args.lines} identical lines", hot, args.lines)))
         del hot
+        if not args.line_mb:  # --line-mb 0: the identical-lines case only
+            return
         size = args.line_mb << 20
         long_line = _gzip_repeated(b"111,", size // 4)
         print(json.dumps(_case(work, f"one {args.line_mb} MB line", long_line, 1)))
