@@ -257,7 +257,9 @@ class _Pending:
 
     def _cut(self) -> None:
         end = self.line_start + self._KEEP
-        while self.buffer[end] & 0xC0 == 0x80:  # not inside a character
+        # Not inside a character; bytes that are no UTF-8 at all are cut anywhere past the
+        # limit (never into the lines before: the line must stay over the limit).
+        while end > self.line_start + MAX_LINE_BYTES + 1 and self.buffer[end] & 0xC0 == 0x80:
             end -= 1
         del self.buffer[end:]
         self.buffer += b"\n"
