@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import time
@@ -13,7 +14,7 @@ from pathlib import Path
 import boto3
 import polars as pl
 
-from localdev.generate import BASE_TS_MS, GenerateSpec, generate
+from localdev.generate import BASE_TS_MS, DAY_MS, GenerateSpec, generate
 from localdev.servers import moto_s3_server, sftp_server
 from pipeline.config import load_config
 from pipeline.console import print_report
@@ -94,10 +95,12 @@ identity_file = "{identity_file}"
 def run_demo(output: str, lines: int = 2000, as_json: bool = False,
              keep: bool = False) -> int:
     """Two nightly runs: the first processes everything, the second only what is new (a
-    changed Campaign audience, published as a diff) and skips what is done."""
+    changed Campaign audience, published as a diff; the next `full` ECID delivery, whose
+    missing members are published as leavers) and skips what is done."""
     out = Path(output).resolve()
     shutil.rmtree(out, ignore_errors=True)
-    data = generate(out / "generated", GenerateSpec(lines=lines, profiles=lines, files=3))
+    data = generate(out / "generated", GenerateSpec(lines=lines, profiles=lines, files=3,
+                                                    deliveries=2, full_feeds=("ecid",)))
     env = {data["key_env"]: data["key_hex"]}
     with moto_s3_server() as endpoint, sftp_server(out / "sftp") as sftp:
         _aws_env(endpoint)
@@ -105,9 +108,9 @@ def run_demo(output: str, lines: int = 2000, as_json: bool = False,
         for bucket in BUCKETS:
             s3.create_bucket(Bucket=bucket)
         sftp_opts = StoreOptions(known_hosts=sftp.known_hosts, identity_file=sftp.identity_file)
-        _upload(data["feeds"]["email"], f"{sftp.url}/outbound", sftp_opts)
-        _upload(data["feeds"]["phone"], "s3://aam-outbound/phones/", StoreOptions())
-        _upload(data["feeds"]["ecid"], "s3://aam-outbound/ecids/", StoreOptions())
+        _upload(data["feeds"]["email"], f"{sftp.url}/outbound", sftp_opts, day=0)
+        _upload(data["feeds"]["phone"], "s3://aam-outbound/phones/", StoreOptions(), day=0)
+        _upload(data["feeds"]["ecid"], "s3://aam-outbound/ecids/", StoreOptions(), day=0)
         _upload(str(Path(data["profiles"]).parent), "s3://crm/profiles/", StoreOptions())
         _put_export(lines, day=0)
         config_path = out / "demo.toml"
@@ -118,6 +121,7 @@ def run_demo(output: str, lines: int = 2000, as_json: bool = False,
         config = load_config(config_path, env)
         first = execute(config, RunOptions())
         _put_export(lines, day=1)  # the next night: Campaign's audiences changed
+        _upload(data["feeds"]["ecid"], "s3://aam-outbound/ecids/", StoreOptions(), day=1)
         second = execute(config, RunOptions())
         _download("s3://aam-inbound/acme/", out / "experience-cloud")
         if as_json:
@@ -153,9 +157,15 @@ def _print_runs(first: RunReport, second: RunReport, out: Path, config_path: Pat
                 env_path: Path) -> None:
     print("First run (every delivery and the day-1 audience export):")
     print_report(first)
-    print("\nSecond run (next night: AAM deliveries already done are skipped; the changed "
-          "Campaign audience goes out as a diff):")
+    print("\nSecond run (next night: AAM deliveries already done are skipped; the next full "
+          "ECID delivery mirrors segment membership; the changed Campaign audience goes out "
+          "as a diff):")
     print_report(second)
+    for d in second.deliveries:
+        if d.feed == "aam-ecids" and d.status == "processed":
+            print(f"  {d.delivery}: full delivery, {d.leavers} (profile, segment) pairs left "
+                  "since the last one: published as removals (Campaign `remove` rows, "
+                  "AAM d_unsid)")
     for d in second.deliveries:
         if d.feed == "campaign-audiences" and d.status == "processed":
             print(f"  {d.delivery}: {d.matched - d.suppressed} current members, "
@@ -198,14 +208,21 @@ def _aws_env(endpoint: str) -> None:
     os.environ.update(dict(zip(AWS_VARS, (endpoint, "demo", "demo", "us-east-1"), strict=True)))
 
 
-def _upload(local_dir: str, url: str, options: StoreOptions) -> None:
+def _upload(local_dir: str, url: str, options: StoreOptions, day: int | None = None) -> None:
+    """Every file of a folder, or only those of the deliveries of one generated day."""
     store = open_store(url, options)
     try:
         for path in sorted(Path(local_dir).rglob("*")):
-            if path.is_file():
+            if path.is_file() and (day is None or _day_of(path.name) == day):
                 store.put_file(str(path), path.relative_to(local_dir).as_posix())
     finally:
         store.close()
+
+
+def _day_of(name: str) -> int | None:
+    """Day (0, 1, …) of a generated delivery file, from the 13-digit timestamp in its name."""
+    stamp = re.search(r"_([0-9]{13})", name)
+    return (int(stamp.group(1)) - BASE_TS_MS) // DAY_MS if stamp else None
 
 
 def _download(url: str, local_dir: Path) -> None:

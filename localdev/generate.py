@@ -3,6 +3,10 @@
 Deterministic for a seed. The ID mix follows production feeds: an email feed with 40%
 encrypted (AES-GCM), 40% SHA-256 and 20% plain IDs, a phone feed and an ECID feed, ~1% bad
 lines, ~10% IDs without a profile and a few opted-out/blacklisted profiles.
+Feeds named in `full_feeds` get `full` deliveries (SPEC §11): every day the same lines
+without removal lists, each day missing a different 10% of them (every 10th line, shifted by
+one each day), so each full delivery after the first has leavers and returners, well below
+the default removal safety valve.
 
 Built for benchmark sizes (tens of millions of lines): every column is a polars expression
 over a row index with a counter-based random generator (SplitMix64), lines are produced and
@@ -31,6 +35,8 @@ SEGMENTS = (111, 112, 113, 114, 115)
 KEY_ENV = "DEMO_DECLARED_ID_KEY"
 CHUNK_ROWS = 500_000  # lines generated and compressed at a time (bounds memory)
 GZIP_LEVEL = 6  # zlib's default: ~2x faster than gzip.compress's 9, same format
+MISSING_EVERY = 10  # a full feed's delivery of day d lacks the lines with row % 10 == d % 10
+FEEDS = ("email", "phone", "ecid")
 
 _MASK64 = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15
@@ -50,6 +56,7 @@ class GenerateSpec:
     # feeds of `lines` lines each, encodings in turn (see `email_feeds`).
     workload: str = "mixed"
     feeds: int = 20  # "nightly" only
+    full_feeds: tuple[str, ...] = ()  # "mixed": feeds (email, phone, ecid) delivered `full`
 
 
 def demo_key(seed: int) -> bytes:
@@ -73,11 +80,14 @@ def generate(output: str | Path, spec: GenerateSpec) -> dict:
     written: dict[str, list[str]] = {}
     for feed, (n, make_ids) in feeds.items():
         written[feed] = []
+        full = feed in spec.full_feeds
         for d in range(spec.deliveries):
             seed = spec.seed * 1000 + d * 10 + len(written)
             ts = BASE_TS_MS + d * DAY_MS + len(written) * 1000
-            root = f"ftp_5000_{6000 + len(written)}_iter_{ts}"
-            feed_lines = _FeedLines(spec.profiles, n, seed, key, make_ids, spec.bad_ratio)
+            root = f"ftp_5000_{6000 + len(written)}_{'full' if full else 'iter'}_{ts}"
+            # A full feed repeats day 0's lines (its seed) less that day's missing share.
+            feed_lines = _FeedLines(spec.profiles, n, seed - d * 10 if full else seed, key,
+                                    make_ids, spec.bad_ratio, d if full else None)
             written[feed] += write_delivery(out / "feeds" / feed, root, feed_lines, spec.files)
     return {
         "profiles": str(snap),
@@ -235,14 +245,16 @@ def _segment_table() -> tuple[list[str], list[str]]:
 _ADDED, _REMOVED = _segment_table()
 
 
-def segment_lines(frame: pl.DataFrame, seed: int, bad_ratio: float) -> pl.Series:
-    """`USER SEGS[ REMOVED]` per row of `frame` (columns `row`, `user`); ~bad_ratio bad lines."""
+def segment_lines(frame: pl.DataFrame, seed: int, bad_ratio: float,
+                  removals: bool = True) -> pl.Series:
+    """`USER SEGS[ REMOVED]` per row of `frame` (columns `row`, `user`); ~bad_ratio bad lines.
+    Without `removals` (full deliveries: current members only) no line removes a segment."""
     row = pl.col("row")
     r_bad = _uniform(row, seed, 3)
     combo = _below(row, seed, 4, len(_ADDED))
     added = pl.lit(pl.Series(_ADDED)).gather(combo)
     removal = pl.lit(pl.Series(_REMOVED)).gather(combo)
-    with_removal = _uniform(row, seed, 5) < 0.1
+    with_removal = (_uniform(row, seed, 5) < 0.1) & removals
     good = pl.concat_str(
         pl.col("user"), pl.lit(" "), added,
         pl.when(with_removal).then(pl.lit(" ") + removal).otherwise(pl.lit("")),
@@ -266,21 +278,26 @@ class _FeedLines:
     key: bytes
     make_ids: IdFactory
     bad_ratio: float
-
+    full_day: int | None = None  # a full delivery of this day (which lines it lacks)
     many_segments: bool = False  # email workload: 1-4 of 30 segments, ~70% matched
 
     def chunk(self, start: int, stop: int) -> pl.Series:
         frame = pl.DataFrame({"row": pl.int_range(start, stop, eager=True, dtype=pl.Int64)})
+        if self.full_day is not None:
+            frame = frame.filter(pl.col("row") % MISSING_EVERY != self.full_day % MISSING_EVERY)
         picks = _email_picks if self.many_segments else _picks
         frame = frame.with_columns(idx=picks(pl.col("row"), self.profiles, self.seed))
         frame = frame.with_columns(user=self.make_ids(frame, self.seed, self.key))
         if self.many_segments:
             return email_segment_lines(frame, self.seed, self.bad_ratio)
-        return segment_lines(frame, self.seed, self.bad_ratio)
+        return segment_lines(frame, self.seed, self.bad_ratio,
+                             removals=self.full_day is None)
 
     def chunks(self, start: int, stop: int) -> Iterator[pl.Series]:
         for lo in range(start, stop, CHUNK_ROWS):
-            yield self.chunk(lo, min(lo + CHUNK_ROWS, stop))
+            chunk = self.chunk(lo, min(lo + CHUNK_ROWS, stop))
+            if chunk.len():
+                yield chunk
 
 
 # --------------------------------------------------------------------------------------------

@@ -88,6 +88,8 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--files", type=int, default=2, help="split files per delivery")
     gen.add_argument("--deliveries", type=int, default=1)
     gen.add_argument("--seed", type=int, default=1)
+    gen.add_argument("--full-feeds", type=_feed_list, default=(),
+                     help="feeds written as `full` deliveries: email,phone,ecid (default none)")
     gen.add_argument("--debug", action="store_true")
     gen.set_defaults(handler=_cmd_generate)
     return parser
@@ -118,6 +120,14 @@ def _date(text: str) -> date:
         return date.fromisoformat(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a date (YYYY-MM-DD): {text!r}") from None
+
+
+def _feed_list(text: str) -> tuple[str, ...]:
+    feeds = tuple(f.strip() for f in text.split(",") if f.strip())
+    unknown = [f for f in feeds if f not in ("email", "phone", "ecid")]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown feed {unknown[0]!r} (email, phone, ecid)")
+    return feeds
 
 
 def _setup_logging(debug: bool, quiet: bool) -> None:
@@ -206,7 +216,8 @@ def _cmd_generate(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     from localdev.generate import GenerateSpec, generate
 
     spec = GenerateSpec(lines=args.lines, profiles=args.profiles, files=args.files,
-                        deliveries=args.deliveries, seed=args.seed)
+                        deliveries=args.deliveries, seed=args.seed,
+                        full_feeds=args.full_feeds)
     result = generate(args.output, spec)
     print(json.dumps(result, indent=1))
     return 0

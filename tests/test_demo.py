@@ -1,5 +1,6 @@
 """`demo` end to end in a subprocess: two runs, the second skips what is done and sends the
-changed Campaign audience as a diff; the rerun-by-hand files it points to exist."""
+changed Campaign audience as a diff and the next full ECID delivery with its leavers; the
+rerun-by-hand files it points to exist."""
 
 from __future__ import annotations
 
@@ -21,8 +22,13 @@ def test_demo_runs_twice_and_publishes_the_export_as_a_diff(tmp_path):
     runs = json.loads(done.stdout)
     first, second = runs["first_run"], runs["second_run"]
     assert first["deliveries_by_status"] == {"processed": 4}
-    assert second["deliveries_by_status"] == {"skipped": 4, "processed": 1}
-    export = next(d for d in second["deliveries"] if d["status"] == "processed")
+    assert second["deliveries_by_status"] == {"skipped": 4, "processed": 2}
+    full = next(d for d in second["deliveries"]
+                if d["status"] == "processed" and d["feed"] == "aam-ecids")
+    assert "_full_" in full["delivery"] and full["leavers"] > 0  # SPEC §11: leavers removed
+    assert second["leavers"] == full["leavers"]
+    export = next(d for d in second["deliveries"]
+                  if d["status"] == "processed" and d["feed"] == "campaign-audiences")
     assert export["feed"] == "campaign-audiences"
     members = export["matched"] - export["suppressed"]
     changes = export["rows_written"]["experience-cloud"]
