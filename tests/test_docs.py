@@ -14,7 +14,8 @@ import pytest
 from pipeline.config import parse_config
 
 REPO = Path(__file__).resolve().parents[1]
-DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+DOCS = [REPO / "README.md", REPO / "benchmarks" / "README.md",
+        *sorted((REPO / "docs").glob("*.md"))]
 # Inline links and images `[text](target "title")`, and reference definitions `[id]: target`.
 _INLINE = re.compile(r"""!?\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+(?:"[^"]*"|'[^']*'))?\s*\)""")
 _REFERENCE = re.compile(r"^\s{0,3}\[[^\]]+\]:\s*<?(\S+?)>?(?:\s|$)", re.MULTILINE)
