@@ -56,6 +56,9 @@ class FeedConfig:
     max_removal_ratio: float = 0.5  # a `full` delivery may remove at most this share of pairs
     membership_retention_days: int = 35  # membership versions kept for backfill
     match_column: str | None = None  # crm: snapshot column to reconcile on; None = crm_id's
+    pgp_secret_key_file: str | None = None  # OpenPGP-encrypted files (SPEC §12)
+    pgp_passphrase: str | None = field(default=None, repr=False)
+    pgp_signer_key_file: str | None = None  # then every file must be signed by this key
 
     @property
     def kinds(self) -> tuple[str, ...]:
@@ -78,6 +81,7 @@ class DestinationConfig:
     audiences: Mapping[str, int] = field(default_factory=dict)  # campaign_export: name -> trait
     max_lines_per_file: int = 5_000_000
     gzip: bool = False
+    pgp_recipient_key_file: str | None = None  # encrypt every published file to this key
 
 
 @dataclass(frozen=True)
@@ -236,7 +240,8 @@ def _feed(raw: Any, i: int, env: Mapping[str, str] | None, base_dir: Path,
         "name", "source", "kind", "known_hosts", "identity_file", "id_type", "id_kind",
         "id_encoding", "default_country", "decryption", "key_env", "iv_env",
         "max_reject_ratio", "require_info", "max_removal_ratio", "membership_retention_days",
-        "match_column",
+        "match_column", "pgp_secret_key_file",
+        "pgp_passphrase_env", "pgp_signer_key_file",
     })
     name = _name(raw, where)
     where = f"feeds.{name}"
@@ -281,6 +286,7 @@ def _feed(raw: Any, i: int, env: Mapping[str, str] | None, base_dir: Path,
         max_removal_ratio=_ratio(raw, where, "max_removal_ratio", 0.5),
         membership_retention_days=retention,
         match_column=_match_column(raw, where, kind, id_types, id_kinds, crm_column),
+        **_feed_pgp(raw, where, env, base_dir),
     )
 
 
@@ -297,6 +303,42 @@ def _match_column(raw: Mapping[str, Any], where: str, kind: str, id_types: tuple
     return None if name == crm_column else name
 
 
+def _feed_pgp(raw: Mapping[str, Any], where: str, env: Mapping[str, str],
+              base_dir: Path) -> dict[str, Any]:
+    """Key files are paths; the passphrase only comes from the environment variable named."""
+    secret = _key_file(raw, where, "pgp_secret_key_file", base_dir)
+    signer = _key_file(raw, where, "pgp_signer_key_file", base_dir)
+    passphrase_env = _opt(raw, where, "pgp_passphrase_env", str)
+    passphrase = None
+    if (passphrase_env or signer) and secret is None:
+        needs = "pgp_passphrase_env" if passphrase_env else "pgp_signer_key_file"
+        raise ConfigError(f"{where}.pgp_secret_key_file: required with {needs}")
+    if passphrase_env is not None:
+        passphrase = env.get(passphrase_env)
+        if passphrase is None:
+            raise ConfigError(f"{where}.pgp_passphrase_env: environment variable "
+                              f"{passphrase_env} is not set")
+    return {"pgp_secret_key_file": secret, "pgp_passphrase": passphrase,
+            "pgp_signer_key_file": signer}
+
+
+def _key_file(raw: Mapping[str, Any], where: str, key: str, base_dir: Path) -> str | None:
+    """A key file that exists and can be read (its contents are checked on import)."""
+    value = _opt(raw, where, key, str)
+    if value is None:
+        return None
+    path = (base_dir / Path(value).expanduser()).resolve()
+    if not path.is_file():
+        raise ConfigError(f"{where}.{key}: key file not found: {path}")
+    try:
+        with open(path, "rb") as fh:
+            fh.read(1)
+    except OSError as exc:
+        raise ConfigError(f"{where}.{key}: cannot read key file {path} "
+                          f"({exc.strerror or 'unreadable'})") from None
+    return str(path)
+
+
 def _destination(raw: Any, i: int, base_dir: Path) -> DestinationConfig:
     where = f"destinations[{i}]"
     if not isinstance(raw, dict):
@@ -304,6 +346,7 @@ def _destination(raw: Any, i: int, base_dir: Path) -> DestinationConfig:
     _known(raw, where, {
         "name", "kind", "target", "format", "dpid", "id", "segments", "audiences",
         "max_lines_per_file", "gzip", "known_hosts", "identity_file", "sse",
+        "pgp_recipient_key_file",
     })
     name = _name(raw, where)
     where = f"destinations.{name}"
@@ -320,7 +363,12 @@ def _destination(raw: Any, i: int, base_dir: Path) -> DestinationConfig:
         id=_choice(raw, where, "id", DPUUID_IDS, "email_sha256"),
         max_lines_per_file=max_lines,
         gzip=bool(_opt(raw, where, "gzip", bool, False)),
+        pgp_recipient_key_file=_key_file(raw, where, "pgp_recipient_key_file", base_dir),
     )
+    if kind == "aam_inbound" and dest.gzip and dest.pgp_recipient_key_file:
+        # Adobe: PGP already compresses; a PGP file that is also gzip'd is refused.
+        raise ConfigError(f"{where}.gzip: must be false when pgp_recipient_key_file is set "
+                          "(AAM refuses PGP files that are also gzip'd)")
     segments = raw.get("segments")
     if kind == "campaign_list":
         if segments is not None:
@@ -342,7 +390,7 @@ def _destination(raw: Any, i: int, base_dir: Path) -> DestinationConfig:
         return _replace(dest, dpid=dpid, traits=traits, audiences=audiences)
     # no_profile_contacts carries PII: only encrypted-at-rest targets are allowed.
     url = target.url
-    if url.startswith("s3://") and not target.options.sse:
+    if url.startswith("s3://") and not target.options.sse and not dest.pgp_recipient_key_file:
         raise ConfigError(f"{where}.sse: required for no_profile_contacts on S3 (PII at rest)")
     if not url.startswith(("s3://", "sftp://")):
         raise ConfigError(f"{where}.target: no_profile_contacts must go to SFTP or S3 with sse")

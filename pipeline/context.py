@@ -8,6 +8,7 @@ from pathlib import Path
 
 from pipeline.config import Config
 from pipeline.ledger import Ledger
+from pipeline.pgp import RunKeys
 from pipeline.snapshot import Snapshots
 from pipeline.stores import Store
 
@@ -47,3 +48,4 @@ class Context:
     snapshots: Snapshots
     targets: dict[str, Store]
     workdir: Path
+    keys: RunKeys | None = None  # PGP keys of feeds and destinations (SPEC §12)

@@ -19,7 +19,8 @@ from pipeline.errors import DeliveryFailed
 
 _SYNC_TYPES = {"ftp": "ftp", "s3": "S3"}
 _SYNC_MODES = {"iter", "full"}
-_SUFFIX = re.compile(r"\.sync(\.gz)?\Z")
+# `.pgp` / `.gpg`: OpenPGP-encrypted (SPEC §12), whose plaintext may itself be gzip'd.
+_SUFFIX = re.compile(r"\.sync(\.gz)?(\.pgp|\.gpg)?\Z")
 _FOLDER_DATE = re.compile(r"date=([0-9]{4}-[0-9]{2}-[0-9]{2})")
 # Last `_` token: a 13-digit timestamp, then an optional split glued as 3+ digits or after `-`.
 _TS_TAIL = re.compile(r"(?P<ts>[0-9]{13})(?:(?P<glued>[0-9]{3,})|-(?P<dash>[0-9]+))?")
@@ -44,6 +45,7 @@ class OutboundName:
     split: int
     gzip: bool
     folder_date: date | None
+    pgp: bool = False
 
     @property
     def delivery_date(self) -> date | None:
@@ -127,7 +129,8 @@ def _identify(tokens: list[str]) -> tuple[str | None, ...] | None:
 
 
 def parse_outbound_name(path: str) -> OutboundName | None:
-    """Parse an AAM outbound `.sync[.gz]` path; None for other files or unreadable names."""
+    """Parse an AAM outbound `.sync[.gz][.pgp|.gpg]` path; None for other files or unreadable
+    names."""
     folder, _, name = path.rpartition("/")
     suffix = _SUFFIX.search(name)
     if not suffix:
@@ -155,6 +158,7 @@ def parse_outbound_name(path: str) -> OutboundName | None:
         split=split,
         gzip=suffix.group(1) is not None,
         folder_date=date_of_folder(folder),
+        pgp=suffix.group(2) is not None,
     )
 
 

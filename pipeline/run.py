@@ -33,6 +33,7 @@ from pipeline.flows.aam import AamFlow, check_backfill
 from pipeline.flows.export import ExportFlow
 from pipeline.ledger import Ledger, LedgerEntry
 from pipeline.lock import StateLock
+from pipeline.pgp import RunKeys
 from pipeline.report import DeliveryReport, RunReport
 from pipeline.snapshot import Snapshots
 from pipeline.stages.join import KEY_KINDS
@@ -82,7 +83,9 @@ def _run(config: Config, options: RunOptions, report: RunReport, workdir: Path,
     stores: list[Any] = []
     lock: StateLock | None = None
     state: Store | None = None
+    keys: RunKeys | None = None
     try:
+        keys = RunKeys.load(config, workdir / "gpg")  # a bad key file: before any IO
         with _step("open the state store"):
             state = _keep(stores, open_store(config.state.url, config.state.options))
         if not options.dry_run:
@@ -102,7 +105,7 @@ def _run(config: Config, options: RunOptions, report: RunReport, workdir: Path,
             with _step(f"open destination {d.name}"):
                 targets[d.name] = _keep(stores, open_store(d.target.url, d.target.options))
         ctx = Context(config, options, run_id, state, Ledger(state), snapshots, targets,
-                      workdir)
+                      workdir, keys)
         if not options.dry_run:
             ctx.ledger.check_writable(run_id)
         check_backfill(ctx)
@@ -129,6 +132,8 @@ def _run(config: Config, options: RunOptions, report: RunReport, workdir: Path,
             _release(lock)
         for store in stores:
             _close(store)
+        if keys is not None:
+            keys.close()
 
 
 def ended_by(exc: BaseException) -> str:

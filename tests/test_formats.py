@@ -99,6 +99,13 @@ NAMES: list[tuple[str, str, dict[str, object]]] = [
     ),
     ("1486140844000.sync", "1486140844000", {"timestamp_ms": TS}),
     ("ftp_1486140844000000.sync", "ftp_1486140844000", {"sync_type": "ftp", "timestamp_ms": TS}),
+    # OpenPGP-encrypted (SPEC §12): `.pgp` or `.gpg` after `.sync`, the plaintext maybe gzip'd
+    ("ftp_1486140844000001.sync.pgp", "ftp_1486140844000",
+     {"sync_type": "ftp", "timestamp_ms": TS, "split": 1, "pgp": True}),
+    ("S3_1234_1486140844000-2.sync.gpg", "S3_1234_1486140844000",
+     {"sync_type": "S3", "did": "1234", "timestamp_ms": TS, "split": 2, "pgp": True}),
+    ("1486140844000.sync.gz.pgp", "1486140844000", {"timestamp_ms": TS, "gzip": True,
+                                                    "pgp": True}),
 ]
 
 
@@ -132,6 +139,8 @@ def test_parse_outbound_name(path: str, root: str, fields: dict[str, object]) ->
         "S3_1234_5678_iter_1486140844000.sync.part",
         "S3_1234_5678_iter_1486140844000.sync.gz.tmp",
         "S3_1234_5678_iter_1486140844000.syncx",
+        "S3_1234_5678_iter_1486140844000.sync.pgp.part",
+        "S3_1234_5678_iter_1486140844000.sync.asc",
         "S3_1234_5678_iter_1486140844000.csv",
         "README",
         ".sync",

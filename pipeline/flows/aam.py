@@ -175,7 +175,7 @@ def process_delivery(ctx: Context, feed: FeedConfig, source: Store, delivery: De
     if ctx.options.dry_run:
         written = {d.name: [p for p, _ in outputs[d.name].files] for d in dests}
     else:
-        written = publish.publish_outputs(ctx.targets, dests, key, outputs)
+        written = publish.publish_outputs(ctx.targets, dests, key, outputs, ctx.keys)
         membership.save(delivery.root, order[0], buckets, mirrored.parts, ctx.run_id,
                         feed.membership_retention_days)
     rep.outputs += [f"{name}:{p}" for name, paths in written.items() for p in paths]
@@ -231,7 +231,8 @@ def check_backfill(ctx: Context) -> None:
 def ingest(ctx: Context, plan: Plan, source: Store, rep: DeliveryReport,
            known_phones: pl.DataFrame | None = None) -> None:
     """Pass 1: parse and resolve chunk by chunk; spill resolved rows and rejects."""
-    for chunk in read_ahead(read_chunks(source, plan.delivery)):
+    decryptor = ctx.keys.feeds.get(plan.feed.name) if ctx.keys else None
+    for chunk in read_ahead(read_chunks(source, plan.delivery, decryptor=decryptor)):
         parsed = resolve.parse(chunk.lazy())
         resolved = resolve.resolve(parsed, plan.feed, ctx.config.default_country,
                                    known_phones).collect()

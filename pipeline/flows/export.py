@@ -178,7 +178,7 @@ def _plan(ctx: Context, f: ExportFile, key: publish.DeliveryKey, resolved: pl.Da
 
 def _publish(ctx: Context, dests: list[DestinationConfig], key: publish.DeliveryKey,
              plan: _Plan, rep: DeliveryReport) -> None:
-    written = publish.publish_outputs(ctx.targets, dests, key, plan.outputs)
+    written = publish.publish_outputs(ctx.targets, dests, key, plan.outputs, ctx.keys)
     rep.outputs += [f"{name}:{p}" for name, paths in written.items() for p in paths]
 
 

@@ -7,10 +7,10 @@ import logging
 import posixpath
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import date
-from typing import cast
+from typing import BinaryIO, cast
 
 import polars as pl
 from isal import isal_zlib
@@ -29,6 +29,7 @@ from pipeline.formats import (
     parse_info,
     parse_outbound_name,
 )
+from pipeline.pgp import Decryptor
 from pipeline.stores import Entry, Store
 
 log = logging.getLogger(__name__)
@@ -125,19 +126,22 @@ CHUNK_BYTES = 32 << 20  # text per in-memory chunk: bounds memory whatever the f
 CHUNK_LINES = 500_000  # and lines per chunk: short lines must not make a chunk of millions
 _BLOCK = 8 << 20  # bytes read from the store at a time
 _PIECE = 1 << 20  # decompressed bytes handled at a time (a 0.5 MB gzip may hold gigabytes)
+_GZIP_MAGIC = b"\x1f\x8b"
 
 
-def read_chunks(store: Store, delivery: Delivery,
-                chunk_bytes: int | None = None) -> Iterator[pl.DataFrame]:
+def read_chunks(store: Store, delivery: Delivery, chunk_bytes: int | None = None,
+                decryptor: Decryptor | None = None) -> Iterator[pl.DataFrame]:
     """Lines of a complete delivery in chunks: file_seq, line_no, line (blank lines kept).
 
-    Size, md5 and line count are checked as each file ends, so a bad file raises only after
+    Size, md5 and line count (and, for PGP files, integrity and signature) are checked as each
+    file ends, so a bad file raises only after
     its earlier chunks were yielded: callers must not publish before the iterator is done.
     A line longer than MAX_LINE_BYTES is cut to a little over that length (the parser marks
     it `line_too_long`); the rest of it is skipped as it streams by, never held.
+    `decryptor` reads `.sync.pgp` files.
     """
     for seq, file in enumerate(delivery.files, start=1):
-        yield from _file_chunks(store, file, seq, chunk_bytes or CHUNK_BYTES)
+        yield from _file_chunks(store, file, seq, chunk_bytes or CHUNK_BYTES, decryptor)
 
 
 def read_ahead(chunks: Iterator[pl.DataFrame], depth: int = 1) -> Iterator[pl.DataFrame]:
@@ -188,34 +192,27 @@ def _acquire(room: threading.Semaphore, stop: threading.Event) -> bool:
     return False
 
 
-def _file_chunks(store: Store, file: DeliveryFile, seq: int,
-                 chunk_bytes: int) -> Iterator[pl.DataFrame]:
+def _file_chunks(store: Store, file: DeliveryFile, seq: int, chunk_bytes: int,
+                 decryptor: Decryptor | None) -> Iterator[pl.DataFrame]:
     base = posixpath.basename(file.name.path)
-    md5 = hashlib.md5()  # noqa: S324 - AAM's control files use md5
-    size, lines, bad_utf8 = 0, 0, False
-    unzip = _Gunzip(base) if file.name.gzip else None
+    stored = _Counted()
+    lines, bad_utf8 = 0, False
     pending = _Pending()
     piece_bytes = min(_PIECE, chunk_bytes)
     with store.open_read(file.name.path) as stream:
-        while block := stream.read(_BLOCK):
-            size += len(block)
-            md5.update(block)
-            pieces = unzip.feed(block, piece_bytes) if unzip else _split(block, piece_bytes)
-            for piece in pieces:
-                pending.add(piece)
-                if pending.full(chunk_bytes):
-                    frame, bad = _frame(pending.buffer, pending.line_start, seq, lines)
-                    pending.take()
-                    lines, bad_utf8 = lines + frame.height, bad_utf8 or bad
-                    yield frame
-    if unzip:
-        unzip.finish()
+        for piece in _content(stored.reader(stream), file, base, decryptor, piece_bytes):
+            pending.add(piece)
+            if pending.full(chunk_bytes):
+                frame, bad = _frame(pending.buffer, pending.line_start, seq, lines)
+                pending.take()
+                lines, bad_utf8 = lines + frame.height, bad_utf8 or bad
+                yield frame
     if pending.buffer:
         pending.end()
         frame, bad = _frame(pending.buffer, len(pending.buffer), seq, lines)
         lines, bad_utf8 = lines + frame.height, bad_utf8 or bad
         yield frame
-    _verify(file, base, size, md5.hexdigest(), lines)
+    _verify(file, base, stored.size, stored.md5.hexdigest(), lines)
     if bad_utf8:
         log.warning("file=%s bad_utf8_lines_present", base)
 
@@ -280,6 +277,55 @@ class _Pending:
         """The file ended: its last line needs no line end."""
         if not self.buffer.endswith(b"\n"):
             self.buffer += b"\n"
+
+
+class _Counted:
+    """Size and md5 of the stored bytes (for PGP files: of the encrypted bytes, as in `.info`)."""
+
+    def __init__(self) -> None:
+        self.size = 0
+        self.md5 = hashlib.md5()  # noqa: S324 - AAM's control files use md5
+
+    def reader(self, stream: BinaryIO) -> Callable[[int], bytes]:
+        def read(n: int) -> bytes:
+            block = stream.read(n)
+            self.size += len(block)
+            self.md5.update(block)
+            return block
+        return read
+
+
+def _content(read: Callable[[int], bytes], file: DeliveryFile, base: str,
+             decryptor: Decryptor | None, piece_bytes: int) -> Iterator[bytes]:
+    """A file's text in pieces: decrypted from a pipe when PGP (never written to disk), then
+    gunzip'd when gzip (by name; for PGP files by the plaintext's magic bytes)."""
+    if not file.name.pgp:
+        yield from _pieces(iter(lambda: read(_BLOCK), b""), base, file.name.gzip, piece_bytes)
+        return
+    if decryptor is None:
+        raise DeliveryFailed(f"{base}: PGP-encrypted, but the feed has no pgp_secret_key_file")
+    with decryptor.open(read, base) as plain:
+        try:
+            yield from _pieces(iter(lambda: plain.read(_BLOCK), b""), base, None, piece_bytes)
+        except DeliveryFailed:
+            plain.check()  # bad PGP data explains a bad gzip: say that first
+            raise
+        plain.check()
+
+
+def _pieces(blocks: Iterator[bytes], base: str, gz: bool | None,
+            size: int) -> Iterator[bytes]:
+    """Blocks in pieces of at most `size` bytes, gunzip'd when `gz` (None: when the first
+    bytes are gzip's magic)."""
+    unzip = None
+    for block in blocks:
+        if gz is None:
+            gz = block.startswith(_GZIP_MAGIC)
+        if gz and unzip is None:
+            unzip = _Gunzip(base)
+        yield from unzip.feed(block, size) if unzip else _split(block, size)
+    if unzip:
+        unzip.finish()
 
 
 def _verify(file: DeliveryFile, base: str, size: int, md5: str, lines: int) -> None:

@@ -16,7 +16,7 @@ import tempfile
 from collections.abc import Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO
@@ -28,6 +28,7 @@ from isal import igzip
 from pipeline.config import DestinationConfig
 from pipeline.errors import ConfigError, DeliveryFailed
 from pipeline.formats import inbound_file_name, inbound_folder, inbound_pieces
+from pipeline.pgp import Encryptor, RunKeys
 from pipeline.stores import Store
 from pipeline.tables import check_output
 
@@ -282,19 +283,47 @@ def inbound_files_for(rows: pl.DataFrame, dest: DestinationConfig, key: Delivery
 
 
 def publish_outputs(targets: Mapping[str, Store], dests: list[DestinationConfig],
-                    key: DeliveryKey, outputs: Mapping[str, Output]) -> dict[str, list[str]]:
+                    key: DeliveryKey, outputs: Mapping[str, Output],
+                    keys: RunKeys | None = None) -> dict[str, list[str]]:
     """Every destination's files of one delivery (both flows): all names are checked before
-    the first file is written, so a clash publishes nothing anywhere."""
-    for dest in dests:
-        check_names(targets[dest.name], dest, key, outputs[dest.name])
-    return {dest.name: write_outputs(targets[dest.name], dest, key, outputs[dest.name])
-            for dest in dests}
+    the first file is written, so a clash publishes nothing anywhere. A destination with a
+    pgp_recipient_key_file gets its files encrypted first, named `.pgp`."""
+    sealing = {d.name: keys.destinations[d.name] for d in dests
+               if keys and d.name in keys.destinations}
+    with ExitStack() as stack:
+        ready = dict(outputs)
+        if sealing:
+            folder = Path(stack.enter_context(tempfile.TemporaryDirectory(
+                prefix="sealed-", dir=next(iter(sealing.values())).scratch)))
+            for name, seal in sealing.items():
+                ready[name] = _sealed(outputs[name], seal, folder / name)
+        for dest in dests:
+            check_names(targets[dest.name], dest, key, ready[dest.name],
+                        exact=dest.name not in sealing)
+        return {dest.name: write_outputs(targets[dest.name], dest, key, ready[dest.name])
+                for dest in dests}
 
 
-def check_names(store: Store, dest: DestinationConfig, key: DeliveryKey, out: Output) -> None:
+def _sealed(out: Output, seal: Encryptor, folder: Path) -> Output:
+    """The same output with each file encrypted to a local `.pgp` copy (streamed by gpg)."""
+    folder.mkdir(parents=True)
+    files: list[tuple[str, bytes | Path]] = []
+    for n, (path, data) in enumerate(out.files):
+        local = folder / f"{n:05d}.pgp"
+        seal.seal(data, local)
+        files.append((f"{path}.pgp", local))
+    return replace(out, files=files)
+
+
+def check_names(store: Store, dest: DestinationConfig, key: DeliveryKey, out: Output,
+                exact: bool = True) -> None:
     """Names are unique per (destination, delivery): refuse to replace another delivery's
     file. Our own files (in our manifest, or left whole by a crash before the manifest and
-    so byte-identical) may be rewritten."""
+    so byte-identical) may be rewritten. Encrypted files differ on every run (a new session
+    key each time), so for them (`exact=False`) a file left by a crash cannot be told from
+    another's: names alone keep them apart there (the feed/root tag in AAM inbound names)."""
+    if not exact:
+        return
     own = set(_previous_files(store, manifest_path(key)))
     for path, data in out.files:
         if path not in own and store.exists(path) and _stored_md5(store, path) != _md5(data):
