@@ -148,9 +148,10 @@ class Keyring:
         (home / "gpg-agent.conf").write_text("default-cache-ttl 0\nmax-cache-ttl 0\n")
         self.home = home
 
-    def run(self, args: list[str], **kwargs) -> subprocess.CompletedProcess:
-        return subprocess.run([GPG, *self.base_args(), *args], capture_output=True,
-                              check=False, **kwargs)
+    def run(self, args: list[str], input: bytes | None = None
+            ) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run([GPG, *self.base_args(), *args], input=input,
+                              capture_output=True, check=False)
 
     def base_args(self) -> list[str]:
         return ["--homedir", str(self.home), "--batch", "--no-tty",
@@ -247,7 +248,8 @@ class Decryption:
 
     def read(self, size: int = BLOCK) -> bytes:
         assert self._proc is not None and self._proc.stdout is not None
-        return self._proc.stdout.read(size)
+        block: bytes = self._proc.stdout.read(size)
+        return block
 
     def _feed(self) -> None:
         assert self._proc is not None and self._proc.stdin is not None
