@@ -193,7 +193,7 @@ def _acquire(room: threading.Semaphore, stop: threading.Event) -> bool:
 
 
 def _file_chunks(store: Store, file: DeliveryFile, seq: int, chunk_bytes: int,
-                 decryptor: Decryptor | None) -> Iterator[pl.DataFrame]:
+                 decryptor: Decryptor | None = None) -> Iterator[pl.DataFrame]:
     base = posixpath.basename(file.name.path)
     stored = _Counted()
     lines, bad_utf8 = 0, False
