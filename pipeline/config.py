@@ -303,9 +303,10 @@ def _match_column(raw: Mapping[str, Any], where: str, kind: str, id_types: tuple
     return None if name == crm_column else name
 
 
-def _feed_pgp(raw: Mapping[str, Any], where: str, env: Mapping[str, str],
+def _feed_pgp(raw: Mapping[str, Any], where: str, env: Mapping[str, str] | None,
               base_dir: Path) -> dict[str, Any]:
-    """Key files are paths; the passphrase only comes from the environment variable named."""
+    """Key files are paths; the passphrase only comes from the environment variable named
+    (`env` None: not read)."""
     secret = _key_file(raw, where, "pgp_secret_key_file", base_dir)
     signer = _key_file(raw, where, "pgp_signer_key_file", base_dir)
     passphrase_env = _opt(raw, where, "pgp_passphrase_env", str)
@@ -313,7 +314,7 @@ def _feed_pgp(raw: Mapping[str, Any], where: str, env: Mapping[str, str],
     if (passphrase_env or signer) and secret is None:
         needs = "pgp_passphrase_env" if passphrase_env else "pgp_signer_key_file"
         raise ConfigError(f"{where}.pgp_secret_key_file: required with {needs}")
-    if passphrase_env is not None:
+    if passphrase_env is not None and env is not None:
         passphrase = env.get(passphrase_env)
         if passphrase is None:
             raise ConfigError(f"{where}.pgp_passphrase_env: environment variable "
