@@ -7,6 +7,7 @@ import os
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -16,7 +17,7 @@ import pytest
 from pipeline.errors import LockHeld
 from pipeline.lock import LOCK_PATH, StateLock
 from pipeline.procs import process_start
-from pipeline.stores import Store, open_store
+from pipeline.stores import Store, StoreOptions, open_store
 
 TRIALS = 20
 
@@ -37,16 +38,22 @@ def serial_s3(s3_endpoint: str) -> Iterator[str]:
     server.shutdown()
 
 
-@pytest.fixture(params=["local", "s3"])
+@pytest.fixture(params=["local", "s3", "sftp"])
 def opener(request: pytest.FixtureRequest, tmp_path: Path,
            monkeypatch: pytest.MonkeyPatch) -> Callable[[], Store]:
     """Opens a new client of one state location (each racing run has its own)."""
+    options = StoreOptions()
     if request.param == "local":
         url = str(tmp_path / "state")
-    else:
+    elif request.param == "s3":
         monkeypatch.setenv("AWS_ENDPOINT_URL", request.getfixturevalue("serial_s3"))
         url = f"s3://{request.getfixturevalue('make_bucket')()}/state"
-    return lambda: open_store(url)
+    else:  # OpenSSH's sftp-server renames with link(2): refuses an existing target
+        server = request.getfixturevalue("sftp_server")
+        url = f"{server.url}/lock-{uuid.uuid4().hex[:8]}"
+        options = StoreOptions(known_hosts=server.known_hosts,
+                               identity_file=server.identity_file)
+    return lambda: open_store(url, options)
 
 
 def _race(stores: list[Store], make_lock: Callable[[Store, int], StateLock]) -> list[StateLock]:

@@ -158,23 +158,35 @@ class SftpStore:
 
     def create_exclusive(self, path: str, data: bytes) -> bool:
         """Upload to a unique `.part`, then the plain SFTP rename, which by the protocol
-        fails when the target exists (OpenSSH: link(2)); the file appears whole."""
+        fails when the target exists (OpenSSH: link(2)); the file appears whole.
+
+        SFTP's failure code does not say why a rename failed, so the target is looked at
+        after: there -> False; gone again (its owner removed it meanwhile) -> the rename is
+        tried again; failing a third time with no target is a real error."""
         full = self._full(path)
         part = f"{full}.{secrets.token_hex(4)}.part"
         with self._errors(path):
             self._makedirs(posixpath.dirname(full))
             self._sftp.putfo(io.BytesIO(data), part, len(data))
+            created = False
             try:
-                self._sftp.rename(part, full)
+                for _ in range(2):
+                    try:
+                        self._sftp.rename(part, full)
+                        created = True
+                        return True
+                    except OSError:
+                        if not self._active():
+                            raise
+                        if self.exists(path):
+                            return False
+                self._sftp.rename(part, full)  # a last try: its error is the real one
+                created = True
                 return True
-            except OSError:
-                if not self._active():
-                    raise
-                with suppress(OSError):
-                    self._sftp.remove(part)
-                if self.exists(path):
-                    return False
-                raise
+            finally:
+                if not created and self._active():
+                    with suppress(OSError):
+                        self._sftp_client.remove(part)
 
     def put_file(self, local_path: str, path: str) -> None:
         self._atomic(path, lambda part: self._sftp.put(local_path, part))
