@@ -180,6 +180,7 @@ class Measured:
     exit_code: int
     report: dict
     killed_over_mb: int | None = None  # set when the RSS guard stopped the run
+    cpu_s: float = 0.0  # user + system CPU of the child and its own children (pools)
 
 
 def measure(side: str, cmd: list[str], run_dir: Path, env: dict[str, str],
@@ -208,8 +209,10 @@ def measure(side: str, cmd: list[str], run_dir: Path, env: dict[str, str],
         tail = err.read_text(errors="replace").strip().splitlines()[-5:]
         print(f"{side}: exit code {proc.returncode}; stderr tail:\n  " + "\n  ".join(tail),
               file=sys.stderr)
+    # CPU: the child's own and, on Linux, that of the processes it waited for (its pools).
+    # Less sensitive than wall time to other work on a shared machine.
     return Measured(side, wall, usage.ru_maxrss / 1024, proc.returncode, report,
-                    rss_limit_mb if killed.is_set() else None)
+                    rss_limit_mb if killed.is_set() else None, usage.ru_utime + usage.ru_stime)
 
 
 def _guard(pid: int, limit_mb: int, killed: threading.Event) -> None:
@@ -626,16 +629,16 @@ def main(argv: list[str] | None = None) -> int:
                 results.append(m)
                 guard = (f" (killed: RSS passed {m.killed_over_mb:,} MB)"
                          if m.killed_over_mb else "")
-                print(f"{side}: {m.wall_s:.1f} s, peak RSS {m.peak_rss_mb:,.0f} MB, "
-                      f"exit {m.exit_code}{guard}", flush=True)
+                print(f"{side}: {m.wall_s:.1f} s (CPU {m.cpu_s:.1f} s), peak RSS "
+                      f"{m.peak_rss_mb:,.0f} MB, exit {m.exit_code}{guard}", flush=True)
         if attempt == 0 and len(results) == 2:  # outputs compared once: later runs replace them
             first_pair = compare(dirs["pipeline"], dirs[other], results[0].report,
                                  results[1].report)
             first_ok = results[0].exit_code == 0 and results[1].exit_code == 0
 
-    table = [["side", "wall s", "rows/s", "peak RSS MB", "exit"]]
+    table = [["side", "wall s", "CPU s", "rows/s", "peak RSS MB", "exit"]]
     for m in results:
-        table.append([m.side, f"{m.wall_s:.1f}", f"{rows / m.wall_s:,.0f}",
+        table.append([m.side, f"{m.wall_s:.1f}", f"{m.cpu_s:.1f}", f"{rows / m.wall_s:,.0f}",
                       f"{m.peak_rss_mb:,.0f}", str(m.exit_code)])
     if results:
         print()
@@ -648,10 +651,11 @@ def main(argv: list[str] | None = None) -> int:
         ratios = sorted(p.wall_s / d.wall_s for p, d in pairs)
         ratio = ratios[len(ratios) // 2]
         rss = max(p.peak_rss_mb for p, _ in pairs) / max(d.peak_rss_mb for _, d in pairs)
+        cpu = sum(p.cpu_s for p, _ in pairs) / max(sum(d.cpu_s for _, d in pairs), 1e-9)
         print(f"\nratio pipeline/{other}: wall {ratio:.2f}"
               + (f" (median of {len(ratios)}: {', '.join(f'{r:.2f}' for r in ratios)})"
                  if len(ratios) > 1 else "")
-              + f", peak RSS {rss:.2f}")
+              + f", CPU {cpu:.2f}, peak RSS {rss:.2f}")
         problems, notes = first_pair
         identical = not problems and first_ok
         print(f"outputs identical (same rows per file, same counts): "
@@ -660,7 +664,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  - {problem}")
         for note in notes:
             print(f"  note: {note}")
-        record |= {"wall_ratio": ratio, "wall_ratios": ratios, "identical": identical,
+        record |= {"wall_ratio": ratio, "wall_ratios": ratios, "cpu_ratio": cpu,
+                   "identical": identical,
                    "problems": problems, "notes": notes}
     if args.workload == "nightly" and "pipeline" in sides:
         record["fixed_cost"] = fixed_cost(args, results, runs, env)
