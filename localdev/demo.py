@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -15,10 +16,12 @@ import boto3
 import polars as pl
 
 from localdev.generate import BASE_TS_MS, DAY_MS, GenerateSpec, generate
+from localdev.pgp_keys import Party, make_party
 from localdev.servers import moto_s3_server, sftp_server
 from pipeline.config import load_config
 from pipeline.console import print_report
 from pipeline.context import RunOptions
+from pipeline.formats import InfoEntry, parse_info, render_info
 from pipeline.report import RunReport
 from pipeline.run import execute
 from pipeline.stores import StoreOptions, open_store
@@ -30,8 +33,9 @@ DAY_S = 86_400
 AWS_VARS = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
 
 CONFIG = """\
-# Written by `run_pipeline.py demo`: an SFTP email feed, S3 phone and ECID feeds, a
-# Campaign audience export feed, a profile snapshot on S3, and the three kinds of destination.
+# Written by `run_pipeline.py demo`: an SFTP email feed, S3 phone and ECID feeds (the ECID
+# partner encrypts and signs its files with OpenPGP), a Campaign audience export feed, a profile
+# snapshot on S3, and the three kinds of destination (contacts encrypted to a PGP key).
 [state]
 location = "{out}/state"
 
@@ -61,6 +65,9 @@ id_encoding = "plain"
 name = "aam-ecids"
 source = "s3://aam-outbound/ecids/"
 id_type = "ecid"
+pgp_secret_key_file = "{keys}/pipeline.sec.asc"   # files arrive as .sync.gz.pgp
+pgp_passphrase_env = "{passphrase_env}"
+pgp_signer_key_file = "{keys}/partner.pub.asc"    # each must be signed by the partner
 
 [[feeds]]
 name = "campaign-audiences"
@@ -89,7 +96,9 @@ kind = "no_profile_contacts"
 target = "{sftp_url}/contacts"
 known_hosts = "{known_hosts}"
 identity_file = "{identity_file}"
+pgp_recipient_key_file = "{keys}/contacts-reader.pub.asc"   # PII: written as .csv.pgp
 """
+PASSPHRASE_ENV = "DEMO_PGP_PASSPHRASE"  # noqa: S105 - the variable's name, not a secret
 
 
 def run_demo(output: str, lines: int = 2000, as_json: bool = False,
@@ -101,7 +110,10 @@ def run_demo(output: str, lines: int = 2000, as_json: bool = False,
     shutil.rmtree(out, ignore_errors=True)
     data = generate(out / "generated", GenerateSpec(lines=lines, profiles=lines, files=3,
                                                     deliveries=2, full_feeds=("ecid",)))
-    env = {data["key_env"]: data["key_hex"]}
+    passphrase = os.urandom(12).hex()
+    keys = _pgp_keys(out / "keys", passphrase)
+    _seal_feed(Path(data["feeds"]["ecid"]), keys["partner"], keys["pipeline"])
+    env = {data["key_env"]: data["key_hex"], PASSPHRASE_ENV: passphrase}
     with moto_s3_server() as endpoint, sftp_server(out / "sftp") as sftp:
         _aws_env(endpoint)
         s3 = boto3.client("s3")
@@ -116,7 +128,8 @@ def run_demo(output: str, lines: int = 2000, as_json: bool = False,
         config_path = out / "demo.toml"
         config_path.write_text(CONFIG.format(
             out=out, sftp_url=sftp.url, known_hosts=sftp.known_hosts,
-            identity_file=sftp.identity_file, key_env=data["key_env"], exports=EXPORTS))
+            identity_file=sftp.identity_file, key_env=data["key_env"], exports=EXPORTS,
+            keys=out / "keys", passphrase_env=PASSPHRASE_ENV))
         env_path = _env_file(out, {**env, **{k: os.environ[k] for k in AWS_VARS}})
         config = load_config(config_path, env)
         first = execute(config, RunOptions())
@@ -131,7 +144,36 @@ def run_demo(output: str, lines: int = 2000, as_json: bool = False,
             _print_runs(first, second, out, config_path, env_path)
         if keep:
             _serve_until_interrupted(config_path, env_path)
+    for party in keys.values():
+        party.close()  # stop the demo homes' gpg-agents
     return max(first.exit_code(), second.exit_code())
+
+
+def _pgp_keys(folder: Path, passphrase: str) -> dict[str, Party]:
+    """The pipeline's key pair (passphrase-protected), the ECID partner's signing key and the
+    key of whoever reads the contacts; each in its own GnuPG home under `folder`, exported
+    next to it as `<name>.pub.asc` / `<name>.sec.asc`."""
+    folder.mkdir(parents=True, mode=0o700)
+    return {"pipeline": make_party(folder, "pipeline", passphrase=passphrase),
+            "partner": make_party(folder, "partner"),
+            "contacts-reader": make_party(folder, "contacts-reader")}
+
+
+def _seal_feed(folder: Path, partner: Party, pipeline: Party) -> None:
+    """What the partner does before upload: `gpg --encrypt --sign` every delivery file to the
+    pipeline's key, and list the encrypted files (sizes, md5s) in the `.info`."""
+    for info_path in sorted(folder.rglob("*.info")):
+        info = parse_info(info_path.read_text())
+        entries = []
+        for entry in info.files:
+            plain = info_path.parent / entry.file_name
+            sealed = plain.with_name(plain.name + ".pgp")
+            partner.encrypt_file(plain, sealed, to=pipeline, sign=True)
+            plain.unlink()
+            data = sealed.read_bytes()
+            entries.append(InfoEntry(sealed.name, len(data), entry.line_count, entry.sequence,
+                                     hashlib.md5(data).hexdigest()))  # noqa: S324 - AAM's md5
+        info_path.write_text(render_info(entries, info_path.name.removesuffix(".info")))
 
 
 def _put_export(profiles: int, day: int) -> None:
@@ -174,7 +216,10 @@ def _print_runs(first: RunReport, second: RunReport, out: Path, config_path: Pat
     print(f"\nOutputs:\n  Campaign import lists:     {out / 'campaign'}\n"
           f"  AAM inbound files (S3):    s3://aam-inbound/acme/ (copied to "
           f"{out / 'experience-cloud'})\n"
-          f"  No-profile contacts (SFTP): {out / 'sftp' / 'contacts'}\n"
+          f"  No-profile contacts (SFTP): {out / 'sftp' / 'contacts'} (PGP: read them with\n"
+          f"    gpg --homedir {out / 'keys' / 'contacts-reader'} --decrypt FILE.csv.pgp)\n"
+          f"  PGP keys (demo only):      {out / 'keys'} (the ECID feed arrives encrypted and "
+          f"signed)\n"
           f"  Ledger, reports, quarantine: {out / 'state'}\n"
           f"  Config used:               {config_path}\n"
           f"\nRerun by hand (the demo's servers stop when it ends; `demo --keep` keeps them):\n"

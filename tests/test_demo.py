@@ -37,3 +37,17 @@ def test_demo_runs_twice_and_publishes_the_export_as_a_diff(tmp_path):
     assert stat.S_IMODE(env_file.stat().st_mode) == 0o600
     assert "AWS_ENDPOINT_URL=" in env_file.read_text()
     assert (tmp_path / "d" / "demo.toml").is_file()
+    # SPEC §12: the ECID partner's files arrive encrypted and signed with `gpg`, the contacts
+    # leave encrypted to the reader's key, who opens them with `gpg --decrypt`
+    ecids = [d for d in first["deliveries"] if d["feed"] == "aam-ecids"]
+    assert ecids and all(d["status"] == "processed" and d["records_received"] > 0 for d in ecids)
+    contacts = [p.split(":", 1)[1] for d in first["deliveries"] for p in d["outputs"]
+                if p.startswith("no-profile-contacts:")]
+    assert contacts and all(p.endswith(".csv.pgp") for p in contacts)
+    sealed = tmp_path / "d" / "sftp" / "contacts" / contacts[0]
+    opened = subprocess.run(["gpg", "--homedir", str(tmp_path / "d" / "keys" / "contacts-reader"),
+                             "--batch", "--quiet", "--decrypt", str(sealed)],
+                            capture_output=True, check=True).stdout
+    assert opened.startswith(b"contact,segment_id,action,delivery")
+    subprocess.run(["gpgconf", "--homedir", str(tmp_path / "d" / "keys" / "contacts-reader"),
+                    "--kill", "all"], check=False)

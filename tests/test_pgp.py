@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 
+from localdev.pgp_keys import Party, make_party
 from pipeline.cli import main
 from pipeline.formats import InfoEntry, render_info
 from pipeline.pgp import Decryptor, Keyring
 from pipeline.stages.ingest import find_deliveries, read_chunks
 from pipeline.stores import StoreOptions, open_store
 from tests.factories import put_all, write_snapshot
-from tests.pgp_keys import Party, make_party
 
 ROOT = "ftp_1234_5678_iter_1486140844000"
 SPLITS = [
@@ -202,6 +202,11 @@ def test_outputs_use_aes256_with_mdc(keys, tmp_path, capsys):
     assert "encrypted data packet" in packets and "mdc_method: 2" in packets
     status = keys["recipient"].gpg("--status-fd", "1", "--decrypt", data=sealed).decode()
     assert "DECRYPTION_INFO 2 9" in status  # MDC (2), cipher AES256 (9)
+    # a rerun replaces its own encrypted files: new ciphertext (a new session key), same text
+    code = main(["run", "--config", str(tmp_path / "pipeline.toml"), "--force"], env=ENV)
+    again = (tmp_path / f"out/campaign/emails/{ROOT}.csv.pgp").read_bytes()
+    assert code == 0 and again != sealed
+    assert keys["recipient"].decrypt(again) == keys["recipient"].decrypt(sealed)
 
 
 def _good(keys, to="us"):

@@ -173,7 +173,9 @@ def process_delivery(ctx: Context, feed: FeedConfig, source: Store, delivery: De
         if out.missing_id:
             rep.missing_ids[dest.name] = out.missing_id
     if ctx.options.dry_run:
-        written = {d.name: [p for p, _ in outputs[d.name].files] for d in dests}
+        sealed = ctx.keys.destinations if ctx.keys else {}
+        written = {d.name: [p + (".pgp" if d.name in sealed else "")
+                            for p, _ in outputs[d.name].files] for d in dests}
     else:
         written = publish.publish_outputs(ctx.targets, dests, key, outputs, ctx.keys)
         membership.save(delivery.root, order[0], buckets, mirrored.parts, ctx.run_id,

@@ -1,5 +1,6 @@
-"""Test keys made by the real `gpg` in throwaway homes (never the user's), and the partner's
-side of the exchange: `gpg --encrypt [--sign]` and `gpg --decrypt`."""
+"""OpenPGP keys made by the real `gpg` in throwaway homes (never the user's), and the
+partner's side of the exchange: `gpg --encrypt [--sign]` and `gpg --decrypt` (tests, demo,
+benchmarks)."""
 
 from __future__ import annotations
 
@@ -37,6 +38,17 @@ class Party:
         if sign:
             args = ["--local-user", self.fingerprint, "--sign", *args]
         return self.gpg(*args, data=data)
+
+    def encrypt_file(self, src: Path, dst: Path, to: Party, sign: bool = False,
+                     compress: bool = True) -> None:
+        """The same, file to file (large files: nothing is held in memory)."""
+        self.import_public(to)
+        args = ["--recipient", to.fingerprint, "--output", str(dst), "--yes"]
+        if not compress:
+            args += ["--compress-algo", "none"]
+        if sign:
+            args += ["--local-user", self.fingerprint, "--sign"]
+        self.gpg(*args, "--encrypt", str(src))
 
     def decrypt(self, data: bytes) -> bytes:
         return self.gpg("--decrypt", data=data)
