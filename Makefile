@@ -9,7 +9,7 @@ SUDO := $(shell [ "$$(id -u)" = "0" ] || echo sudo)
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev,demo,bench]'
+	$(PY) -m pip install -q -e '.[dev,demo,bench,dask]'
 	touch $@
 
 deps: $(VENV)/.installed

@@ -113,6 +113,10 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="report what would be done, write nothing")
     p.add_argument("--json", action="store_true", help="print the run report as JSON on stdout")
     p.add_argument("--debug", action="store_true", help="verbose logs and tracebacks")
+    p.add_argument("--executor", choices=("local", "dask"),
+                   help="where the heavy passes run (default: the config's, else local)")
+    p.add_argument("--scheduler", metavar="ADDRESS",
+                   help="Dask scheduler address, e.g. tcp://10.0.0.5:8786")
 
 
 def _date(text: str) -> date:
@@ -144,12 +148,12 @@ def _setup_logging(debug: bool, quiet: bool) -> None:
 
 
 def _cmd_run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
-    from pipeline.config import load_config
+    from pipeline.config import load_config, with_executor
     from pipeline.console import Progress, print_report
     from pipeline.context import RunOptions
     from pipeline.run import execute
 
-    config = load_config(args.config, env)
+    config = with_executor(load_config(args.config, env), args.executor, args.scheduler)
     if args.command == "backfill" and args.date_from > args.date_to:
         raise ConfigError("--from must not be after --to")
     options = RunOptions(

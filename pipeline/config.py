@@ -6,7 +6,7 @@ import posixpath
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -28,6 +28,7 @@ MAX_AAM_ID = 2**31 - 1  # AAM trait IDs and data source IDs (DPID) are 32-bit si
 # Snapshot columns the product reads (SPEC §4); `[profiles] columns` may rename each of them.
 PROFILE_COLUMNS = ("profile_id", "email", "phone", "country", "ecid", "crm_id", "opt_out",
                    "blacklisted")
+EXECUTORS = ("local", "dask")
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,7 @@ class FeedConfig:
     decryption: str | None = None
     key_env: str | None = None
     key: bytes | None = field(default=None, repr=False)
+    iv_env: str | None = None
     iv: bytes | None = field(default=None, repr=False)
     max_reject_ratio: float = 0.05
     require_info: bool = True
@@ -85,6 +87,16 @@ class DestinationConfig:
 
 
 @dataclass(frozen=True)
+class ExecutorConfig:
+    """Where a delivery's heavy passes run: in this process, or as tasks on a Dask cluster."""
+
+    kind: str = "local"
+    scheduler: str | None = None  # tcp://host:port of an existing Dask scheduler
+    work_location: Location | None = None  # intermediate files, reachable by every worker
+    performance_report: str | None = None  # local path for Dask's performance report (HTML)
+
+
+@dataclass(frozen=True)
 class Config:
     state: Location
     snapshot: Location
@@ -94,6 +106,7 @@ class Config:
     profile_columns: Mapping[str, str] = field(default_factory=dict)  # product -> snapshot
     work_dir: str | None = None  # local folder for per-run work folders; None: system temp
     index_cache: bool = True  # [profiles] index_cache: reuse the normalized snapshot index
+    executor: ExecutorConfig = field(default_factory=ExecutorConfig)
 
     @property
     def crm_matches(self) -> dict[str, str]:
@@ -120,7 +133,7 @@ def load_config(path: str | Path, env: Mapping[str, str], secrets: bool = True) 
 
 def parse_config(raw: Mapping[str, Any], env: Mapping[str, str], base_dir: Path,
                  secrets: bool = True) -> Config:
-    _known(raw, "", {"state", "profiles", "feeds", "destinations"})
+    _known(raw, "", {"state", "profiles", "feeds", "destinations", "executor"})
     state = _table(raw, "state", required=True)
     _known(state, "state", {"location", "known_hosts", "identity_file", "work_dir"})
     profiles = _table(raw, "profiles", required=True)
@@ -150,6 +163,7 @@ def parse_config(raw: Mapping[str, Any], env: Mapping[str, str], base_dir: Path,
         profile_columns=columns,
         work_dir=_work_dir(state, base_dir),
         index_cache=_opt(profiles, "profiles", "index_cache", bool, True),
+        executor=_executor(_table(raw, "executor", required=False), base_dir),
     )
 
 
@@ -176,6 +190,60 @@ def _profile_columns(value: Any) -> dict[str, str]:
         if not isinstance(name, str) or not name.strip():
             raise ConfigError(f"profiles.columns.{product}: must be a snapshot column name")
     return dict(value)
+
+
+def with_executor(config: Config, kind: str | None, scheduler: str | None) -> Config:
+    """The command line's --executor / --scheduler over the config's [executor] table."""
+    current = config.executor
+    chosen = replace(current, kind=kind or current.kind,
+                     scheduler=scheduler or current.scheduler)
+    check_executor(chosen, "--executor" if kind else "executor.kind")
+    return replace(config, executor=chosen)
+
+
+def _executor(raw: Mapping[str, Any], base_dir: Path) -> ExecutorConfig:
+    _known(raw, "executor", {"kind", "scheduler", "work_location", "performance_report"})
+    work = None
+    if raw.get("work_location") is not None:
+        if str(raw["work_location"]).startswith("sftp://"):
+            raise ConfigError("executor.work_location: must be a local path or s3:// "
+                              "(workers write their intermediate files there)")
+        work = _location(raw, "executor", "work_location", base_dir)
+    executor = ExecutorConfig(kind=_choice(raw, "executor", "kind", EXECUTORS, "local"),
+                              scheduler=_opt(raw, "executor", "scheduler", str),
+                              work_location=work,
+                              performance_report=_path_out(raw, "performance_report", base_dir))
+    return executor  # checked once the command line had its say (with_executor)
+
+
+def _path_out(raw: Mapping[str, Any], key: str, base_dir: Path) -> str | None:
+    value = _opt(raw, "executor", key, str)
+    return str((base_dir / Path(value).expanduser()).resolve()) if value else None
+
+
+def check_executor(executor: ExecutorConfig, where: str = "executor.kind") -> None:
+    if executor.kind != "dask":
+        return
+    if not executor.scheduler:
+        raise ConfigError(f"{where}: dask needs a scheduler address (executor.scheduler "
+                          "or --scheduler, e.g. tcp://10.0.0.5:8786)")
+    if executor.work_location is None:
+        raise ConfigError("executor.work_location: required with the dask executor (a local "
+                          "path or s3:// prefix the client and every worker can reach)")
+
+
+def with_secrets(feed: FeedConfig, env: Mapping[str, str]) -> FeedConfig:
+    """The feed with its key (and IV) read again from `env` by variable name: how a Dask
+    worker gets the secrets that never travel in a task."""
+    where = f"feeds.{feed.name}"
+    key = _secret(env, feed.key_env, f"{where}.key_env") if feed.key_env else None
+    iv = (_secret(env, feed.iv_env, f"{where}.iv_env", lengths=(16,))
+          if feed.iv_env else None)
+    return replace(feed, key=key, iv=iv)
+
+
+def without_secrets(feed: FeedConfig) -> FeedConfig:
+    return replace(feed, key=None, iv=None)
 
 
 def _check_export_targets(feeds: tuple[FeedConfig, ...],
@@ -255,7 +323,7 @@ def _feed(raw: Any, i: int, env: Mapping[str, str] | None, base_dir: Path,
     retention = _opt(raw, where, "membership_retention_days", int, 35)
     if retention < 1:
         raise ConfigError(f"{where}.membership_retention_days: must be a positive integer")
-    decryption, key_env, key, iv = None, None, None, None
+    decryption, key_env, key, iv, iv_env = None, None, None, None, None
     if encoding in ("encrypted", "auto") and kind == "aam_segments":
         decryption = _choice(raw, where, "decryption", ALGORITHMS, None)
         if decryption is None:
@@ -280,6 +348,7 @@ def _feed(raw: Any, i: int, env: Mapping[str, str] | None, base_dir: Path,
         decryption=decryption,
         key_env=key_env,
         key=key,
+        iv_env=iv_env,
         iv=iv,
         max_reject_ratio=ratio,
         require_info=bool(_opt(raw, where, "require_info", bool, True)),
@@ -399,8 +468,6 @@ def _destination(raw: Any, i: int, base_dir: Path) -> DestinationConfig:
 
 
 def _replace(dest: DestinationConfig, **changes: Any) -> DestinationConfig:
-    from dataclasses import replace
-
     return replace(dest, **changes)
 
 

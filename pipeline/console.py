@@ -66,6 +66,10 @@ def print_report(report: RunReport, console: Console | None = None) -> None:
     balanced = all(d.balanced() for d in report.deliveries)
     console.print(f"accounting invariant: {'holds' if balanced else 'VIOLATED'}; "
                   f"status: {report.to_dict()['status']}", highlight=False)
+    executor = report.executor
+    where = f" on {executor['scheduler']}" if executor.get("scheduler") else ""
+    console.print(f"executor: {executor['kind']}{where}, {executor['tasks']} tasks",
+                  highlight=False)
 
 
 def print_status(data: dict[str, Any], console: Console | None = None) -> None:

@@ -7,6 +7,7 @@ from datetime import date
 from pathlib import Path
 
 from pipeline.config import Config
+from pipeline.executors import Executor
 from pipeline.ledger import Ledger
 from pipeline.pgp import RunKeys
 from pipeline.snapshot import Snapshots
@@ -48,4 +49,5 @@ class Context:
     snapshots: Snapshots
     targets: dict[str, Store]
     workdir: Path
+    executor: Executor  # where the heavy passes of a delivery run (pipeline/executors)
     keys: RunKeys | None = None  # PGP keys of feeds and destinations (SPEC §12)

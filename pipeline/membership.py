@@ -25,7 +25,7 @@ from pathlib import Path
 import polars as pl
 
 from pipeline.errors import FatalError
-from pipeline.spill import Spill, text_bucket
+from pipeline.spill import WorkArea, text_bucket
 from pipeline.stores import Store
 
 log = logging.getLogger(__name__)
@@ -283,7 +283,7 @@ class FeedMembership:
         except (ValueError, KeyError, TypeError) as exc:
             raise FatalError(f"membership state {path} is unreadable: {exc}") from None
 
-    def load(self, version: FeedVersion | None, buckets: int, spill: Spill,
+    def load(self, version: FeedVersion | None, buckets: int, spill: WorkArea,
              name: str = "members") -> None:
         """Spill a version's pairs by profile bucket (`buckets` of them), part by part."""
         if version is None:

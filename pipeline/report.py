@@ -30,6 +30,7 @@ class DeliveryReport:
     unmapped_segments: dict[str, int] = field(default_factory=dict)  # rows filtered out
     missing_ids: dict[str, int] = field(default_factory=dict)  # rows lacking the DPUUID
     outputs: list[str] = field(default_factory=list)
+    tasks: int = 0  # executor tasks run for this delivery (all attempts)
 
     @property
     def rejected(self) -> int:
@@ -67,6 +68,7 @@ class RunReport:
     dry_run: bool = False
     deliveries: list[DeliveryReport] = field(default_factory=list)
     error: str | None = None
+    executor: dict[str, Any] = field(default_factory=lambda: {"kind": "local", "tasks": 0})
 
     def totals(self) -> dict[str, int]:
         totals = dict.fromkeys(COUNTS, 0)
@@ -104,6 +106,7 @@ class RunReport:
             "totals": self.totals(),
             "leavers": self.leavers(),
             "deliveries_by_status": self.statuses(),
+            "executor": self.executor,
             "deliveries": [asdict(d) for d in self.deliveries],
             "error": self.error,
         }

@@ -29,6 +29,7 @@ from pipeline.errors import (
     Terminated,
     TransientError,
 )
+from pipeline.executors import open_executor
 from pipeline.flows.aam import AamFlow, check_backfill
 from pipeline.flows.export import ExportFlow
 from pipeline.ledger import Ledger, LedgerEntry
@@ -84,6 +85,8 @@ def _run(config: Config, options: RunOptions, report: RunReport, workdir: Path,
     lock: StateLock | None = None
     state: Store | None = None
     keys: RunKeys | None = None
+    executor = open_executor(config.executor, workdir / "work", run_id)
+    report.executor = executor.describe()
     try:
         keys = RunKeys.load(config, workdir / "gpg")  # a bad key file: before any IO
         with _step("open the state store"):
@@ -105,13 +108,14 @@ def _run(config: Config, options: RunOptions, report: RunReport, workdir: Path,
             with _step(f"open destination {d.name}"):
                 targets[d.name] = _keep(stores, open_store(d.target.url, d.target.options))
         ctx = Context(config, options, run_id, state, Ledger(state), snapshots, targets,
-                      workdir, keys)
+                      workdir, executor, keys)
         if not options.dry_run:
             ctx.ledger.check_writable(run_id)
         check_backfill(ctx)
         for feed in config.feeds:
             for result in guarded_feed(ctx, feed, stores):
                 report.deliveries.append(result)
+                report.executor = executor.describe()
                 if on_delivery:
                     on_delivery(result)
                 if lock is not None and lock.lost:  # another run may be publishing now
@@ -119,6 +123,7 @@ def _run(config: Config, options: RunOptions, report: RunReport, workdir: Path,
                                      "(renewals failed); stopped before the next delivery")
     except BaseException as exc:
         report.error = ended_by(exc)
+        report.executor = executor.describe()
         if lock is not None and lock.held and state is not None:
             _save_report_quietly(state, report)
         exc.run_report = report  # type: ignore[attr-defined]  # for --json
@@ -128,6 +133,7 @@ def _run(config: Config, options: RunOptions, report: RunReport, workdir: Path,
             with _step("save the run report"):
                 Ledger(state).save_run(run_id, report.to_dict())
     finally:
+        executor.close()
         if lock is not None:
             _release(lock)
         for store in stores:

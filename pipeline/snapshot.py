@@ -19,7 +19,7 @@ import polars as pl
 
 from pipeline.config import Location
 from pipeline.errors import FatalError, SchemaError
-from pipeline.spill import Spill, key_bucket, text_bucket
+from pipeline.spill import Spill, WorkArea, key_bucket, text_bucket
 from pipeline.stages.join import (
     MATCH_PREFIX,
     known_phones,
@@ -272,7 +272,7 @@ ATTRS = ("profile_id", "email_key", "crm_id", "ecid")
 class ProfileIndex:
     """One snapshot's profile keys and attributes, split into buckets on local disk."""
 
-    def __init__(self, spill: Spill, keys: str, attrs: str, buckets: int,
+    def __init__(self, spill: WorkArea, keys: str, attrs: str, buckets: int,
                  phones: pl.DataFrame | None = None) -> None:
         self.spill, self.keys_name, self.attrs_name, self.buckets = spill, keys, attrs, buckets
         self.phones = phones  # (number, region, e164) for the feed side to reuse

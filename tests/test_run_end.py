@@ -60,11 +60,11 @@ def test_full_work_disk_fails_that_delivery_not_the_run(tmp_path, capsys, monkey
     real = Spill.write
     calls = {"n": 0}
 
-    def full_on_first_delivery(self, name, frame, bucket=None):
+    def full_on_first_delivery(self, name, frame, bucket=None, part=None):
         calls["n"] += 1
         if calls["n"] == 1:  # the first spill write of the run: first delivery's lines
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real(self, name, frame, bucket)
+        return real(self, name, frame, bucket, part)
 
     monkeypatch.setattr(Spill, "write", full_on_first_delivery)
     code = main(["run", "--config", str(cfg), "--json"])

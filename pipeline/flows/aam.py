@@ -1,28 +1,38 @@
-"""One AAM delivery, in bounded memory: three passes over local spill files.
+"""One AAM delivery, in bounded memory: three passes over spill files, each a set of tasks.
 
-1. ingest + resolve, chunk by chunk -> resolved rows by key bucket, rejects aside;
+1. per split file: ingest + resolve, chunk by chunk -> resolved rows by key bucket, rejects
+   aside;
 2. per key bucket: join with that bucket of the profile keys -> segment mentions by profile
    bucket;
 3. per profile bucket: merge segments per profile, apply them to that bucket of the feed's
-   membership (SPEC §11) -> destination writers and the next membership version.
-Nothing is published before every record is counted and the reject and removal thresholds
-are checked; the membership version is saved after the outputs (the ledger record follows).
+   membership (SPEC §11) -> destination writers (in bucket order) and the next membership
+   version.
+Tasks run on the run's executor (this process, or a Dask cluster: pipeline/executors); they
+share nothing but the work area and return counts. The ledger, the counts, the quarantine,
+the writers and the membership versions stay here. Nothing is published before every record
+is counted and the reject and removal thresholds are checked; the membership version is
+saved after the outputs (the ledger record follows).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
 import polars as pl
 
-from pipeline.config import FeedConfig
+from pipeline.config import FeedConfig, Location, with_secrets, without_secrets
 from pipeline.context import Context, RunOptions
 from pipeline.errors import ConfigError, DeliveryFailed
+from pipeline.executors import Executor
 from pipeline.formats import QUARANTINED_LINE_CHARS
 from pipeline.ledger import LedgerEntry
 from pipeline.membership import (
@@ -33,18 +43,20 @@ from pipeline.membership import (
     mirror,
     write_members,
 )
+from pipeline.pgp import Decryptor
 from pipeline.report import DeliveryReport
 from pipeline.snapshot import ProfileIndex
-from pipeline.spill import Spill, key_bucket, text_bucket
+from pipeline.spill import Spill, WorkArea, key_bucket, open_work_area, text_bucket
 from pipeline.stages import join, publish, resolve
 from pipeline.stages.ingest import (
     Delivery,
+    DeliveryFile,
     entry_md5s,
+    file_chunks,
     find_deliveries,
     read_ahead,
-    read_chunks,
 )
-from pipeline.stores import Store
+from pipeline.stores import Store, StoreOptions, open_store
 
 log = logging.getLogger(__name__)
 LINES_PER_BUCKET = 1_000_000  # resolved rows held in memory at once
@@ -62,12 +74,64 @@ AUDIENCE = {"profile_id": pl.String, "segment_id": pl.UInt32, "action": pl.Strin
 
 
 @dataclass
+class Resources:
+    """What a task works with, opened where it runs."""
+
+    feed: FeedConfig  # with its key
+    work: WorkArea
+    default_country: str | None
+    buckets: int
+    source: Store | None = None  # pass 1
+    decryptor: Decryptor | None = None  # pass 1, PGP files: in this process only
+    phones: pl.DataFrame | None = None  # pass 1: (number, region, e164) known from profiles
+    profiles: ProfileIndex | None = None  # pass 2
+    contacts: bool = False  # a no_profile_contacts destination wants unmatched addresses
+    quarantine: bool = True  # keep rejected lines (not on a dry run)
+
+
+@dataclass(frozen=True)
+class Setup:
+    """Resources as they travel to a Dask worker: locations and names, no key, no frame."""
+
+    feed: FeedConfig  # without key and IV: the worker reads them from its environment
+    work: Location
+    default_country: str | None
+    buckets: int
+    source: bool = False
+    phones: str | None = None  # name of the known phones in the work area
+    keys: str | None = None  # name of the profile keys in the work area
+    contacts: bool = False
+    quarantine: bool = True
+
+    @contextmanager
+    def open(self, env: Mapping[str, str]) -> Iterator[Resources]:
+        with ExitStack() as stack:
+            work = open_work_area(self.work.url, self.work.options)
+            stack.callback(getattr(work, "close", lambda: None))
+            feed = with_secrets(self.feed, env)
+            res = Resources(feed, work, self.default_country, self.buckets,
+                            contacts=self.contacts, quarantine=self.quarantine)
+            if self.source:
+                res.source = open_store(feed.source.url, feed.source.options)
+                stack.callback(res.source.close)
+            if self.phones:
+                phones = work.scan(self.phones)
+                res.phones = phones.collect() if phones is not None else None
+            if self.keys:
+                res.profiles = ProfileIndex(work, self.keys, "", self.buckets)
+            yield res
+
+
+@dataclass
 class Plan:
     feed: FeedConfig
     delivery: Delivery
     buckets: int
-    spill: Spill
-    contacts: bool = False  # a no_profile_contacts destination wants unmatched addresses
+    work: WorkArea
+    executor: Executor
+    local: Resources
+    setup: Setup
+    scratch: Path  # this process's own files: writers' spools, the quarantine file
 
 
 @dataclass
@@ -139,26 +203,57 @@ def process_delivery(ctx: Context, feed: FeedConfig, source: Store, delivery: De
         log.warning("feed=%s delivery=%s status=skipped reason=%s", feed.name, delivery.root,
                     late)
         return
-    base = head.before(order)  # a re-run of the newest (after a crash): its predecessor
+    plan = _plan(ctx, feed, source, delivery)
+    tasks = ctx.executor.tasks
+    plan.work.clear()
+    plan.scratch.mkdir(parents=True, exist_ok=True)
+    try:
+        # a re-run of the newest (after a crash) starts from its predecessor
+        _process(ctx, plan, rep, membership, head.before(order), order)
+    finally:
+        rep.tasks += ctx.executor.tasks - tasks
+        plan.work.clear()
+        getattr(plan.work, "close", lambda: None)()
+        shutil.rmtree(plan.scratch, ignore_errors=True)
+
+
+def _plan(ctx: Context, feed: FeedConfig, source: Store, delivery: Delivery) -> Plan:
     buckets = bucket_count(delivery, ctx.snapshots.size(delivery.date))
-    # One bucket: spills stay in memory (up to a bound: the control file may understate).
-    spill = Spill(Path(ctx.workdir) / "delivery",
-                  memory_rows=MEMORY_ROWS if buckets == 1 else 0)
-    spill.clear()
     contacts = any(d.kind == "no_profile_contacts" for d in ctx.config.destinations)
-    plan = Plan(feed, delivery, buckets, spill, contacts)
+    # One bucket: spills stay in memory (up to a bound: the control file may understate),
+    # where the tasks run in this process.
+    work = ctx.executor.work_area(f"{feed.name}/{delivery.root}",
+                                  memory_rows=MEMORY_ROWS if buckets == 1 else 0)
+    quarantine = not ctx.options.dry_run
+    local = Resources(feed, work, ctx.config.default_country, buckets, source,
+                      contacts=contacts, quarantine=quarantine)
+    setup = Setup(without_secrets(feed), Location(work.url, _work_options(ctx)),
+                  ctx.config.default_country, buckets, contacts=contacts,
+                  quarantine=quarantine)
+    return Plan(feed, delivery, buckets, work, ctx.executor, local, setup,
+                Path(ctx.workdir) / "delivery")
+
+
+def _work_options(ctx: Context) -> StoreOptions:
+    location = ctx.config.executor.work_location
+    return location.options if location else StoreOptions()
+
+
+def _process(ctx: Context, plan: Plan, rep: DeliveryReport, membership: FeedMembership,
+             base: FeedVersion | None, order: tuple[int, str]) -> None:
+    feed, delivery = plan.feed, plan.delivery
     # The snapshot's first normalization is mostly Python (phone parsing) and reading the
     # delivery mostly polars, which releases the GIL: overlapping them uses both cores.
     # A phone feed waits, as it reuses the snapshot's phone results.
     with ThreadPoolExecutor(1, thread_name_prefix="snapshot") as pool:
-        index = pool.submit(ctx.snapshots.index, delivery.date, feed.kinds, buckets,
+        index = pool.submit(ctx.snapshots.index, delivery.date, feed.kinds, plan.buckets,
                             feed.match_column)
-        ingest(ctx, plan, source, rep,
+        ingest(ctx, plan, plan.local.source, rep,
                index.result().phones if "phone" in feed.kinds else None)
         profiles = index.result()
     match(plan, profiles, rep)
     rep.check_reject_ratio(feed.max_reject_ratio)
-    membership.load(base, buckets, spill)
+    membership.load(base, plan.buckets, plan.work)
     key = publish.DeliveryKey(feed.name, delivery.root,
                               publish.timestamp_seconds(delivery.timestamp_ms, rep.date))
     outputs, mirrored = build(ctx, plan, profiles, key)
@@ -178,11 +273,10 @@ def process_delivery(ctx: Context, feed: FeedConfig, source: Store, delivery: De
                             for p, _ in outputs[d.name].files] for d in dests}
     else:
         written = publish.publish_outputs(ctx.targets, dests, key, outputs, ctx.keys)
-        membership.save(delivery.root, order[0], buckets, mirrored.parts, ctx.run_id,
+        membership.save(delivery.root, order[0], plan.buckets, mirrored.parts, ctx.run_id,
                         feed.membership_retention_days)
     rep.outputs += [f"{name}:{p}" for name, paths in written.items() for p in paths]
     rep.leavers = mirrored.leavers
-    spill.clear()
 
 
 def delivery_order(delivery: Delivery) -> tuple[int, str]:
@@ -230,31 +324,62 @@ def check_backfill(ctx: Context) -> None:
                 f"{feed.membership_retention_days}); backfill from a later date")
 
 
-def ingest(ctx: Context, plan: Plan, source: Store, rep: DeliveryReport,
+def _add(rep: DeliveryReport, counts: Mapping[str, int]) -> None:
+    for name, value in counts.items():
+        setattr(rep, name, getattr(rep, name) + value)
+
+
+# --- pass 1 ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SplitTask:
+    seq: int  # file_seq: the file's place in the delivery, from 1
+    file: DeliveryFile
+
+
+def ingest(ctx: Context, plan: Plan, source: Store | None, rep: DeliveryReport,
            known_phones: pl.DataFrame | None = None) -> None:
-    """Pass 1: parse and resolve chunk by chunk; spill resolved rows and rejects."""
+    """Pass 1: parse and resolve every split file; spill resolved rows and rejects."""
     decryptor = ctx.keys.feeds.get(plan.feed.name) if ctx.keys else None
-    for chunk in read_ahead(read_chunks(source, plan.delivery, decryptor=decryptor)):
-        parsed = resolve.parse(chunk.lazy())
-        resolved = resolve.resolve(parsed, plan.feed, ctx.config.default_country,
-                                   known_phones).collect()
-        rep.records_received += resolved.height
-        for name, value in resolve.count_rejects(resolved).items():
-            setattr(rep, name, getattr(rep, name) + value)
-        ok = pl.col("reject").is_null()
-        if not ctx.options.dry_run:  # raw lines for quarantine only
-            plan.spill.write("rejects", resolved.filter(~ok).select(
-                "file_seq", "line_no", "reject", line=_quarantined_line()))
-        # Decrypted addresses reach the disk only for a destination that publishes them.
-        columns = RESOLVED if plan.contacts else RESOLVED[:-1]
-        rows = join.collapse_repeats(resolved.filter(ok).select(columns))
-        plan.spill.write("resolved", rows.with_columns(
-            _b=key_bucket(pl.col("key"), plan.buckets)), bucket="_b")
+    local = replace(plan.local, source=source, phones=known_phones, decryptor=decryptor)
+    setup = replace(plan.setup, source=True)
+    if known_phones is not None and plan.executor.remote:
+        plan.work.write("phones", known_phones, part="0")
+        setup = replace(setup, phones="phones")
+    tasks = [SplitTask(seq, f) for seq, f in enumerate(plan.delivery.files, start=1)]
+    # PGP files are decrypted where the secret key is: here (the same task, in process).
+    results = (plan.executor.map(ingest_split, tasks, local, setup) if decryptor is None
+               else (ingest_split(task, local) for task in tasks))
+    for counts in results:
+        _add(rep, counts)
     if rep.rejected and not ctx.options.dry_run:
         _quarantine(ctx, plan)
 
 
-AudienceWriter = publish.CampaignListWriter | publish.InboundWriter
+def ingest_split(task: SplitTask, res: Resources) -> dict[str, int]:
+    """Pass 1 task: one split file, chunk by chunk. Parts are named by (file, chunk), so a
+    rerun replaces them and every bucket lists its rows in line order."""
+    assert res.source is not None
+    counts = {"records_received": 0}
+    chunks = read_ahead(file_chunks(res.source, task.file, task.seq, res.decryptor))
+    for n, chunk in enumerate(chunks):
+        parsed = resolve.parse(chunk.lazy())
+        resolved = resolve.resolve(parsed, res.feed, res.default_country, res.phones).collect()
+        counts["records_received"] += resolved.height
+        for name, value in resolve.count_rejects(resolved).items():
+            counts[name] = counts.get(name, 0) + value
+        part = f"{task.seq:05d}-{n:06d}"
+        ok = pl.col("reject").is_null()
+        if res.quarantine:  # raw lines for quarantine only
+            res.work.write("rejects", resolved.filter(~ok).select(
+                "file_seq", "line_no", "reject", line=_quarantined_line()), part=part)
+        # Decrypted addresses reach the disk only for a destination that publishes them.
+        columns = RESOLVED if res.contacts else RESOLVED[:-1]
+        rows = join.collapse_repeats(resolved.filter(ok).select(columns))
+        res.work.write("resolved", rows.with_columns(
+            _b=key_bucket(pl.col("key"), res.buckets)), bucket="_b", part=part)
+    return counts
 
 
 def _quarantined_line() -> pl.Expr:
@@ -264,33 +389,75 @@ def _quarantined_line() -> pl.Expr:
             .then(line.str.slice(0, QUARANTINED_LINE_CHARS)).otherwise(line))
 
 
+# --- pass 2 ---------------------------------------------------------------------------------
+
+
 def match(plan: Plan, profiles: ProfileIndex, rep: DeliveryReport) -> None:
     """Pass 2: join each key bucket; spill segment mentions by profile (and contact) bucket."""
-    for b in range(plan.buckets):
-        batches = plan.spill.batches("resolved", b, ROWS_PER_BATCH)
-        keys = profiles.keys(b)
-        if len(batches) > 1:  # a hot bucket: its profile keys are read once, not per batch
-            keys = keys.collect().lazy()
-        for rows in batches:
-            _match_batch(plan, join.match(rows, keys).collect(), rep)
-    plan.spill.release("resolved")
+    local = replace(plan.local, profiles=profiles)
+    setup = plan.setup
+    if plan.executor.remote:
+        _share_keys(profiles, plan.work)
+        setup = replace(setup, keys=profiles.keys_name)
+    for counts in plan.executor.map(match_bucket, range(plan.buckets), local, setup):
+        _add(rep, counts)
+    plan.work.release("resolved")
 
 
-def _match_batch(plan: Plan, joined: pl.DataFrame, rep: DeliveryReport) -> None:
-    for name, value in join.count_matches(joined).items():
-        setattr(rep, name, getattr(rep, name) + value)
-    lazy = joined.lazy()
-    plan.spill.write("mentions", join.segment_rows(lazy).with_columns(
-        _b=text_bucket(pl.col("profile_id"), plan.buckets)).collect(), bucket="_b")
-    if plan.contacts:
-        plan.spill.write("contacts", join.contact_rows(lazy).with_columns(
-            _b=text_bucket(pl.col("profile_id"), plan.buckets)).collect(), bucket="_b")
+def match_bucket(bucket: int, res: Resources) -> dict[str, int]:
+    """Pass 2 task: one key bucket, in batches. Parts are named by (key bucket, batch)."""
+    assert res.profiles is not None
+    batches = res.work.batches("resolved", bucket, ROWS_PER_BATCH)
+    keys = res.profiles.keys(bucket)
+    if len(batches) > 1:  # a hot bucket: its profile keys are read once, not per batch
+        keys = keys.collect().lazy()
+    counts: dict[str, int] = {}
+    for n, rows in enumerate(batches):
+        joined = join.match(rows, keys).collect()
+        for name, value in join.count_matches(joined).items():
+            counts[name] = counts.get(name, 0) + value
+        part, lazy = f"{bucket:06d}-{n:04d}", joined.lazy()
+        res.work.write("mentions", join.segment_rows(lazy).with_columns(
+            _b=text_bucket(pl.col("profile_id"), res.buckets)).collect(), bucket="_b",
+            part=part)
+        if res.contacts:
+            res.work.write("contacts", join.contact_rows(lazy).with_columns(
+                _b=text_bucket(pl.col("profile_id"), res.buckets)).collect(), bucket="_b",
+                part=part)
+    return counts
+
+
+def _share_keys(profiles: ProfileIndex, work: WorkArea) -> None:
+    """Profile keys of every key bucket into the work area, where workers can read them."""
+    spill = profiles.spill
+    assert isinstance(spill, Spill)  # the client's index is on its own disk
+    for bucket in range(profiles.buckets):
+        for part in spill.parts(profiles.keys_name, bucket):
+            work.copy_in(part, profiles.keys_name, bucket, part.stem)
+
+
+# --- pass 3 ---------------------------------------------------------------------------------
+
+
+MENTIONS = {"audience": "mentions", "contacts": "contacts"}  # pass 2 spills
+MERGED = {"audience": "merged", "contacts": "merged_contacts"}  # pass 3 results
+
+
+AudienceWriter = publish.CampaignListWriter | publish.InboundWriter
+
+
+@dataclass(frozen=True)
+class MergeTask:
+    bucket: int
+    full: bool  # a `full` delivery: the bucket's membership becomes its content
+    audience: bool  # hand the merged audience back (some destination writes it)
+    contacts: bool  # merge no-profile contacts
 
 
 def build(ctx: Context, plan: Plan, profiles: ProfileIndex, key: publish.DeliveryKey
           ) -> tuple[dict[str, publish.Output], Mirroring]:
     """Pass 3: merge per profile bucket, mirror the membership, feed every writer."""
-    workdir = plan.spill.folder / "out"
+    workdir = plan.scratch / "out"
     workdir.mkdir(parents=True, exist_ok=True)
     audience_writers: dict[str, AudienceWriter] = {}
     contact_writers: dict[str, publish.ContactsWriter] = {}
@@ -314,42 +481,66 @@ def build(ctx: Context, plan: Plan, profiles: ProfileIndex, key: publish.Deliver
 
 def _fill(plan: Plan, profiles: ProfileIndex, audience_writers: dict[str, AudienceWriter],
           contact_writers: dict[str, publish.ContactsWriter]) -> Mirroring:
+    """Merged buckets reach the writers in bucket order, whatever order the tasks ran in:
+    outputs are the same bytes on any executor."""
     mirrored = Mirroring({})
-    for b in range(plan.buckets):
-        part = plan.spill.folder / "membership" / f"{b}.parquet"
-        audience, leavers, removed = mirror_bucket(plan.spill, b, plan.delivery.full, part)
-        if part.exists():
-            mirrored.parts[b] = part
-        mirrored.leavers += leavers
-        mirrored.removed += removed
-        if audience is not None and audience.height and audience_writers:
-            attrs = profiles.attributes(b)
+    tasks = [MergeTask(b, plan.delivery.full, bool(audience_writers), bool(contact_writers))
+             for b in range(plan.buckets)]
+    for task, merged in zip(tasks, plan.executor.map(merge_bucket, tasks, plan.local,
+                                                     plan.setup), strict=True):
+        if merged.get("members"):
+            mirrored.parts[task.bucket] = plan.work.get_file(_members_file(task.bucket))
+        mirrored.leavers += merged.get("leavers", 0)
+        mirrored.removed += merged.get("removed", 0)
+        if merged.get("audience"):
+            audience = _read(plan.work, MERGED["audience"], task.bucket)
+            attrs = profiles.attributes(task.bucket)
             for writer in audience_writers.values():
                 writer.add(audience, attrs)
-        contacts = _mentions(plan.spill, "contacts", b)
-        if contacts is not None and contact_writers:
-            merged = join.merge_contacts(contacts).collect()
+        if merged.get("contacts"):
+            contacts = _read(plan.work, MERGED["contacts"], task.bucket)
             for contact_writer in contact_writers.values():
-                contact_writer.add(merged)
+                contact_writer.add(contacts)
     return mirrored
 
 
-def _mentions(spill: Spill, name: str, bucket: int) -> pl.LazyFrame | None:
-    """One bucket's segment mentions; a bucket too big to merge at once (one profile in
-    millions of lines) is first reduced batch by batch."""
-    batches = spill.batches(name, bucket, MENTIONS_PER_BATCH)
-    if len(batches) <= 1:
-        return batches[0] if batches else None
-    return pl.concat([join.reduce_mentions(rows).collect() for rows in batches]).lazy()
+def merge_bucket(task: MergeTask, res: Resources) -> dict[str, int]:
+    """Pass 3 task: one profile bucket. Its merged audience (with leavers), contacts and
+    next membership go to the work area under names of this bucket."""
+    rows: dict[str, int] = {}
+    with tempfile.TemporaryDirectory(prefix="members-") as tmp:
+        part = Path(tmp) / "part.parquet"
+        audience, rows["leavers"], rows["removed"] = mirror_bucket(res.work, task.bucket,
+                                                                   task.full, part)
+        if part.exists():
+            res.work.put_file(part, _members_file(task.bucket))
+            rows["members"] = 1
+    if task.audience and audience is not None and audience.height:
+        _hand_over(res.work, MERGED["audience"], task.bucket, audience)
+        rows["audience"] = audience.height
+    contacts = _mentions(res.work, MENTIONS["contacts"], task.bucket) if task.contacts else None
+    if contacts is not None:
+        merged = join.merge_contacts(contacts).collect()
+        _hand_over(res.work, MERGED["contacts"], task.bucket, merged)
+        rows["contacts"] = merged.height
+    return rows
 
 
-def mirror_bucket(spill: Spill, bucket: int, full: bool, part: Path
+def _hand_over(work: WorkArea, name: str, bucket: int, frame: pl.DataFrame) -> None:
+    work.write(name, frame.with_columns(_b=pl.lit(bucket, pl.UInt32)), bucket="_b", part="0")
+
+
+def _members_file(bucket: int) -> str:
+    return f"next_members/{bucket}.parquet"
+
+
+def mirror_bucket(work: WorkArea, bucket: int, full: bool, part: Path
                   ) -> tuple[pl.DataFrame | None, int, int]:
     """One profile bucket: the merged audience plus its leavers, and the bucket's membership
     after the delivery written to `part` (when not empty). Returns (audience rows or None
     when the bucket holds nothing, leavers, pairs removed from the membership)."""
-    mentions = _mentions(spill, "mentions", bucket)
-    members = spill.scan("members", bucket)
+    mentions = _mentions(work, "mentions", bucket)
+    members = work.scan("members", bucket)
     if mentions is None and members is None:
         return None, 0, 0
     audience = (join.merge_segments(mentions).collect() if mentions is not None
@@ -373,16 +564,31 @@ def _check_removals(feed: FeedConfig, base: FeedVersion | None, mirrored: Mirror
                              f"{feed.max_removal_ratio}; nothing published")
 
 
+def _mentions(work: WorkArea, name: str, bucket: int) -> pl.LazyFrame | None:
+    """One bucket's segment mentions; a bucket too big to merge at once (one profile in
+    millions of lines) is first reduced batch by batch."""
+    batches = work.batches(name, bucket, MENTIONS_PER_BATCH)
+    if len(batches) <= 1:
+        return batches[0] if batches else None
+    return pl.concat([join.reduce_mentions(rows).collect() for rows in batches]).lazy()
+
+
+def _read(work: WorkArea, name: str, bucket: int) -> pl.DataFrame:
+    frame = work.scan(name, bucket)
+    assert frame is not None  # its task reported rows
+    return frame.collect()
+
+
 def _quarantine(ctx: Context, plan: Plan) -> None:
     """Rejected lines with file, line number and reason (raw lines stay in the state store)."""
     names = pl.LazyFrame({
         "file_seq": pl.Series(range(1, len(plan.delivery.files) + 1), dtype=pl.UInt32),
         "file": [f.name.path for f in plan.delivery.files],
     })
-    rejects = plan.spill.scan("rejects")
+    rejects = plan.work.scan("rejects")
     if rejects is None:
         return
-    local = plan.spill.folder / "quarantine.csv"
+    local = plan.scratch / "quarantine.csv"
     (rejects.join(names, on="file_seq", how="left", maintain_order="left")
      .select("file", "line_no", reason="reject", line="line")
      .sink_csv(local))

@@ -144,6 +144,13 @@ def read_chunks(store: Store, delivery: Delivery, chunk_bytes: int | None = None
         yield from _file_chunks(store, file, seq, chunk_bytes or CHUNK_BYTES, decryptor)
 
 
+def file_chunks(store: Store, file: DeliveryFile, seq: int,
+                decryptor: Decryptor | None = None) -> Iterator[pl.DataFrame]:
+    """Lines of one split file (the `seq`-th of its delivery) in chunks, as `read_chunks`:
+    what one task of pass 1 reads."""
+    return _file_chunks(store, file, seq, CHUNK_BYTES, decryptor)
+
+
 def read_ahead(chunks: Iterator[pl.DataFrame], depth: int = 1) -> Iterator[pl.DataFrame]:
     """`chunks` produced on a thread, at most `depth` ahead of the one being consumed.
 
@@ -416,5 +423,5 @@ def entry_md5s(delivery: Delivery) -> dict[str, str]:
     return out
 
 
-__all__ = ["Delivery", "DeliveryFile", "Entry", "find_deliveries", "read_ahead", "read_chunks",
-           "entry_md5s"]
+__all__ = ["Delivery", "DeliveryFile", "Entry", "find_deliveries", "file_chunks", "read_ahead",
+           "read_chunks", "entry_md5s"]
