@@ -163,9 +163,9 @@ target = "{tmp_path}/out"
     spilled: dict[str, set[str]] = {}
     real = Spill.write
 
-    def spy(self, name, frame, bucket=None):
+    def spy(self, name, frame, bucket=None, part=None):
         spilled.setdefault(name, set()).update(frame.columns)
-        return real(self, name, frame, bucket)
+        return real(self, name, frame, bucket, part)
 
     monkeypatch.setattr(Spill, "write", spy)
     assert main(["run", "--config", str(cfg), "--json"], env={KEY_ENV: demo_key(1).hex()}) == 0
