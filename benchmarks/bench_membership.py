@@ -97,8 +97,8 @@ def child(config: Path) -> int:
     """One run with the membership probes; prints the per-probe seconds as JSON."""
     bp.PROBES = PROBES
     stats, total = bp.profile_stages(config, dict(os.environ))
-    json.dump({"wall_s": total, "stages": {k: v.seconds for k, v in stats.items()}},
-              sys.stdout)
+    json.dump({"wall_s": total, "stages": {k: v.seconds for k, v in stats.items()},
+               "stage_peak_rss_mb": {k: v.peak_rss_mb for k, v in stats.items()}}, sys.stdout)
     return 0
 
 
@@ -147,9 +147,9 @@ def main(argv: list[str] | None = None) -> int:
                            "HEAD.json").read_text())
         pairs = head["versions"][-1]["pairs"] if head["versions"] else 0
         result = {"step": label, "exit": m.exit_code, "wall_s": m.wall_s, "run_s": inner,
-                  "peak_rss_mb": m.peak_rss_mb, "membership_s": member,
+                  "peak_rss_mb": m.peak_rss_mb, "cpu_s": m.cpu_s, "membership_s": member,
                   "overhead": member / (inner - member), "pairs_after": pairs,
-                  "stages": stages}
+                  "stages": stages, "stage_peak_rss_mb": m.report.get("stage_peak_rss_mb")}
         results.append(result)
         rows.append([label, f"{m.wall_s:.1f}", f"{inner:.1f}", f"{member:.1f}",
                      f"{100 * result['overhead']:.1f}%", f"{m.peak_rss_mb:,.0f}",
