@@ -9,7 +9,7 @@ SUDO := $(shell [ "$$(id -u)" = "0" ] || echo sudo)
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev,demo,bench,dask]'
+	$(PY) -m pip install -q -e '.[dev,demo,bench,dask,dask-report]'
 	touch $@
 
 deps: $(VENV)/.installed

@@ -64,8 +64,12 @@ class DaskExecutor:
                                  f"({type(exc).__name__})") from None
             if self._report_path:
                 self._stack.enter_context(self._client.as_current())
-                self._stack.enter_context(
-                    distributed.performance_report(filename=self._report_path))
+                try:
+                    self._stack.enter_context(
+                        distributed.performance_report(filename=self._report_path))
+                except ImportError as exc:  # the report is drawn with bokeh
+                    raise FatalError("executor.performance_report: needs the dask-report "
+                                     f"extra ({exc.name} is not installed)") from None
             log.info("executor=dask scheduler=%s workers=%d", self.scheduler,
                      len(self._client.scheduler_info().get("workers", {})))
         return self._client
