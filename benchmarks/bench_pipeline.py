@@ -385,6 +385,10 @@ PROBES = (
     # overlaps pass 1 and is not added to the total.
     Probe("pipeline.snapshot:Snapshots", "index",
           "2 profile index (normalize, hash, bucket; on a thread, overlaps 1)", nested=True),
+    Probe("pipeline.snapshot:Snapshots", "_fingerprint",
+          "snapshot fingerprint (md5 of the files; in 2)", nested=True),
+    Probe("pipeline.snapshot:IndexCache", "save",
+          "snapshot index cache write (night 1)", nested=True),
     Probe("pipeline.flows.aam", "match", "3 match pass (join per key bucket)"),
     Probe("pipeline.stages.join", "match", "join", nested=True, eager=True),
     Probe("pipeline.flows.aam", "build", "4 build pass (merge per profile bucket, writers)"),

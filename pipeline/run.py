@@ -87,6 +87,7 @@ def _run(config: Config, options: RunOptions, report: RunReport, workdir: Path,
     keys: RunKeys | None = None
     executor = open_executor(config.executor, workdir / "work", run_id)
     report.executor = executor.describe()
+    snapshots: Snapshots | None = None
     try:
         keys = RunKeys.load(config, workdir / "gpg")  # a bad key file: before any IO
         with _step("open the state store"):
@@ -100,9 +101,11 @@ def _run(config: Config, options: RunOptions, report: RunReport, workdir: Path,
         kinds = tuple(k for k in KEY_KINDS if any(k in f.kinds for f in config.feeds))
         cache = state if config.index_cache and not options.dry_run else None
         with _step("open the profile snapshot"):
+            # The cache is written from a thread: its own connection (as the lock's).
+            writer = lambda: open_store(config.state.url, config.state.options)  # noqa: E731
             snapshots = _keep(stores, Snapshots(config.snapshot, config.default_country,
                                                 str(workdir), kinds, config.profile_columns,
-                                                config.crm_matches, cache))
+                                                config.crm_matches, cache, writer))
         targets = {}
         for d in config.destinations:
             with _step(f"open destination {d.name}"):
@@ -121,6 +124,7 @@ def _run(config: Config, options: RunOptions, report: RunReport, workdir: Path,
                 if lock is not None and lock.lost:  # another run may be publishing now
                     raise FatalError("the state lock was taken over after its lease lapsed "
                                      "(renewals failed); stopped before the next delivery")
+        snapshots.finish_cache()  # still under the lock: the cache is in the state store
     except BaseException as exc:
         report.error = ended_by(exc)
         report.executor = executor.describe()
@@ -134,6 +138,8 @@ def _run(config: Config, options: RunOptions, report: RunReport, workdir: Path,
                 Ledger(state).save_run(run_id, report.to_dict())
     finally:
         executor.close()
+        if snapshots is not None:  # a run that dies stops its cache write (none is kept)
+            snapshots.finish_cache(abort=True)
         if lock is not None:
             _release(lock)
         for store in stores:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import polars as pl
@@ -10,6 +11,9 @@ import pytest
 from localdev.generate import KEY_ENV, GenerateSpec, demo_key, generate
 from pipeline import snapshot
 from pipeline.cli import main
+from pipeline.lock import LOCK_PATH
+from pipeline.stages import publish
+from pipeline.stores.local import LocalStore
 
 
 def _config(tmp: Path, data: dict, tag: str, extra: str = "") -> Path:
@@ -137,3 +141,73 @@ def test_index_cache_can_be_turned_off(tmp_path, data, builds, capsys):
     _run(cfg, "--force")
     assert builds == [1, 1]  # one slice, normalized on both nights
     assert _cached(tmp_path / "night/state") == []
+
+
+def _cache_files(state: Path) -> list[Path]:
+    return sorted(p for p in (state / snapshot.CACHE_FOLDER).rglob("*") if p.is_file())
+
+
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device"),
+                                   RuntimeError("unexpected")])
+def test_failing_cache_write_leaves_no_cache_and_the_run_succeeds(
+        tmp_path, data, builds, monkeypatch, capsys, error):
+    monkeypatch.setattr(snapshot, "SLICE_ROWS", 600)  # 1500 profiles: three cache parts
+    real = LocalStore.put_file
+    puts: list[str] = []
+
+    def second_part_fails(self, local_path: str, path: str) -> None:
+        if path.startswith(snapshot.CACHE_FOLDER):
+            puts.append(path)
+            if len(puts) == 2:  # the first part is in the store already
+                raise error
+        real(self, local_path, path)
+
+    monkeypatch.setattr(LocalStore, "put_file", second_part_fails)
+    cfg = _config(tmp_path, data, "night")
+    _run(cfg)  # exit 0: the cache is an optimization
+    assert len(puts) == 2
+    state = tmp_path / "night/state"
+    assert _cached(state) == [] and _cache_files(state) == []  # the written part was removed
+    first = _outputs(tmp_path / "night")
+    monkeypatch.setattr(LocalStore, "put_file", real)
+    builds.clear()
+    _run(cfg, "--force")
+    assert builds  # night 2 rebuilt the index, and wrote the cache this time
+    assert _outputs(tmp_path / "night") == first
+    assert len(_cached(state)) == 1
+
+
+def test_the_cache_is_written_while_the_delivery_goes_on(tmp_path, data, monkeypatch, capsys):
+    """Night 1: the first delivery is published while the cache write waits; the write is
+    finished before the run ends, under the lock."""
+    published = threading.Event()
+    real_publish = publish.publish_outputs
+
+    def publish_outputs(*args, **kwargs):
+        result = real_publish(*args, **kwargs)
+        published.set()
+        return result
+
+    real_put = LocalStore.put_file
+    waited: list[bool] = []
+
+    def put_file(self, local_path: str, path: str) -> None:
+        if path.startswith(snapshot.CACHE_FOLDER) and not waited:
+            waited.append(published.wait(timeout=15))  # False: the delivery waited for us
+        real_put(self, local_path, path)
+
+    real_write = LocalStore.write_bytes
+    locked: list[bool] = []
+
+    def write_bytes(self, path: str, payload: bytes) -> None:
+        if path.endswith("/index.json"):
+            locked.append((Path(self.root) / LOCK_PATH).exists())
+        real_write(self, path, payload)
+
+    monkeypatch.setattr(publish, "publish_outputs", publish_outputs)
+    monkeypatch.setattr(LocalStore, "put_file", put_file)
+    monkeypatch.setattr(LocalStore, "write_bytes", write_bytes)
+    _run(_config(tmp_path, data, "night"))
+    assert waited == [True]
+    assert locked == [True]
+    assert len(_cached(tmp_path / "night/state")) == 1
