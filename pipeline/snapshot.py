@@ -62,6 +62,7 @@ class Snapshots:
         self._indexes: dict[tuple, ProfileIndex] = {}
         self._attrs: set[str] = set()  # attribute spills written (per partition and buckets)
         self.reused: set[str] = set()  # partitions whose normalized index came from the cache
+        self._unsaved: dict[str, tuple[str, int]] = {}  # label -> (fingerprint, profiles)
 
     def profiles(self, as_of: date | None) -> tuple[str, pl.DataFrame]:
         """(partition label, normalized profile table) for the latest snapshot <= as_of."""
@@ -93,6 +94,11 @@ class Snapshots:
         ikey = (label, kinds, buckets, match_column)
         if ikey not in self._indexes:
             self._indexes[ikey] = self._bucketize(label, kinds, buckets, match_column)
+        if label in self._unsaved and self.cache is not None:
+            # Only now that the delivery can be matched: written while it is.
+            fingerprint, total = self._unsaved.pop(label)
+            self.cache.save_later(fingerprint, self._spill.parts(_name("normalized", label)),
+                                  total)
         return self._indexes[ikey]
 
     def _normalize(self, label: str, paths: list[str]) -> int:
@@ -114,8 +120,8 @@ class Snapshots:
                                   kinds)
             self._spill.write(name, table.collect())
         log.info("snapshot=%s profiles=%d kinds=%s", label or "single", total, ",".join(kinds))
-        if self.cache is not None and fingerprint is not None:
-            self.cache.save_later(fingerprint, self._spill.parts(name), total)
+        if fingerprint is not None:
+            self._unsaved[label] = (fingerprint, total)
         return total
 
     def finish_cache(self, abort: bool = False) -> None:
