@@ -198,19 +198,25 @@ def test_a_run_whose_lock_was_taken_over_stops_before_the_next_delivery(tmp_path
     state = tmp_path / "state"
     noticed = threading.Event()
     renew = lock_module.StateLock.renew
+    # Renewal reads, checks, then writes: a takeover landing between the two would be
+    # overwritten. A real takeover follows a lapsed lease (no renewal running); here the
+    # heartbeat keeps beating, so the takeover waits for a renewal to finish.
+    between_beats = threading.Lock()
 
     def watched_renew(self):
-        renew(self)
+        with between_beats:
+            renew(self)
         if self.lost:
             noticed.set()
 
     monkeypatch.setattr(lock_module.StateLock, "renew", watched_renew)
 
     def taken_over(rep):
-        (state / LOCK_PATH).write_text(json.dumps({
-            "run_id": "newcomer", "token": "newcomer", "host": "another-host", "pid": 1,
-            "since": datetime.now(UTC).isoformat(),
-            "expires": (datetime.now(UTC) + timedelta(minutes=10)).isoformat()}))
+        with between_beats:
+            (state / LOCK_PATH).write_text(json.dumps({
+                "run_id": "newcomer", "token": "newcomer", "host": "another-host", "pid": 1,
+                "since": datetime.now(UTC).isoformat(),
+                "expires": (datetime.now(UTC) + timedelta(minutes=10)).isoformat()}))
         assert noticed.wait(30)  # the next heartbeat finds it
 
     with pytest.raises(FatalError, match="state lock was taken over"):
