@@ -312,7 +312,7 @@ class IndexCache:
                 _remove_quietly(store, f"{CACHE_FOLDER}/{fingerprint}/")
                 return False
             local = part.with_suffix(".cache")
-            pl.read_ipc(part).drop(UNCACHED, strict=False).write_ipc(local, compression="zstd")
+            pl.scan_ipc(part).drop(UNCACHED, strict=False).sink_ipc(local, compression="zstd")
             names.append(f"part-{n:06d}.arrow")
             try:
                 store.put_file(str(local), f"{CACHE_FOLDER}/{fingerprint}/{names[-1]}")
