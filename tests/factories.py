@@ -43,3 +43,41 @@ def write_snapshot(path: Path, rows: list[dict]) -> Path:
 def toml_config(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
+
+
+def generated_config(tmp: Path, data: dict, tag: str, key_env: str, profiles_extra: str = "",
+                     inbound_extra: str = "") -> Path:
+    """Config over `localdev.generate` output: its email and phone feeds, a Campaign list and
+    an AAM inbound destination, with state and outputs under `<tmp>/<tag>/`."""
+    path = tmp / f"{tag}.toml"
+    path.write_text(f"""
+[state]
+location = "{tmp}/{tag}/state"
+[profiles]
+snapshot = "{data['profiles']}"
+default_country = "FR"
+{profiles_extra}
+[[feeds]]
+name = "email"
+source = "{data['feeds']['email']}"
+id_kind = "email"
+id_encoding = "auto"
+decryption = "aes-gcm"
+key_env = "{key_env}"
+[[feeds]]
+name = "phone"
+source = "{data['feeds']['phone']}"
+id_kind = "phone"
+[[destinations]]
+name = "campaign"
+kind = "campaign_list"
+target = "{tmp}/{tag}/campaign"
+[[destinations]]
+name = "ec"
+kind = "aam_inbound"
+target = "{tmp}/{tag}/ec"
+dpid = 5
+segments = {{ "111" = 1, "112" = 2, "113" = 3 }}
+{inbound_extra}
+""")
+    return path

@@ -13,41 +13,12 @@ from localdev.generate import KEY_ENV, GenerateSpec, demo_key, generate
 from pipeline.cli import main
 from pipeline.flows import aam as delivery
 from pipeline.stages import ingest
+from tests.factories import generated_config
 
 
 def config(tmp: Path, data: dict, tag: str) -> Path:
-    path = tmp / f"{tag}.toml"
-    path.write_text(f"""
-[state]
-location = "{tmp}/{tag}/state"
-[profiles]
-snapshot = "{data['profiles']}"
-default_country = "FR"
-[[feeds]]
-name = "email"
-source = "{data['feeds']['email']}"
-id_kind = "email"
-id_encoding = "auto"
-decryption = "aes-gcm"
-key_env = "{KEY_ENV}"
-[[feeds]]
-name = "phone"
-source = "{data['feeds']['phone']}"
-id_kind = "phone"
-[[destinations]]
-name = "campaign"
-kind = "campaign_list"
-target = "{tmp}/{tag}/campaign"
-[[destinations]]
-name = "ec"
-kind = "aam_inbound"
-target = "{tmp}/{tag}/ec"
-dpid = 5
-segments = {{ "111" = 1, "112" = 2, "113" = 3 }}
-gzip = true
-max_lines_per_file = 700
-""")
-    return path
+    return generated_config(tmp, data, tag, KEY_ENV,
+                            inbound_extra="gzip = true\nmax_lines_per_file = 700")
 
 
 def run(cfg: Path, capsys) -> dict:

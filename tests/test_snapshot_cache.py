@@ -14,40 +14,11 @@ from pipeline.cli import main
 from pipeline.lock import LOCK_PATH
 from pipeline.stages import publish
 from pipeline.stores.local import LocalStore
+from tests.factories import generated_config
 
 
 def _config(tmp: Path, data: dict, tag: str, extra: str = "") -> Path:
-    path = tmp / f"{tag}.toml"
-    path.write_text(f"""
-[state]
-location = "{tmp}/{tag}/state"
-[profiles]
-snapshot = "{data['profiles']}"
-default_country = "FR"
-{extra}
-[[feeds]]
-name = "email"
-source = "{data['feeds']['email']}"
-id_kind = "email"
-id_encoding = "auto"
-decryption = "aes-gcm"
-key_env = "{KEY_ENV}"
-[[feeds]]
-name = "phone"
-source = "{data['feeds']['phone']}"
-id_kind = "phone"
-[[destinations]]
-name = "campaign"
-kind = "campaign_list"
-target = "{tmp}/{tag}/campaign"
-[[destinations]]
-name = "ec"
-kind = "aam_inbound"
-target = "{tmp}/{tag}/ec"
-dpid = 5
-segments = {{ "111" = 1, "112" = 2, "113" = 3 }}
-""")
-    return path
+    return generated_config(tmp, data, tag, KEY_ENV, profiles_extra=extra)
 
 
 @pytest.fixture()
