@@ -21,6 +21,7 @@ import polars as pl
 
 from pipeline.config import Location
 from pipeline.errors import FatalError, SchemaError
+from pipeline.formats import hex_order
 from pipeline.spill import Spill, WorkArea, key_bucket, text_bucket
 from pipeline.stages.join import (
     MATCH_PREFIX,
@@ -150,26 +151,46 @@ class Snapshots:
                    match_column: str | None) -> ProfileIndex:
         keys_name = _name("keys", label, kinds, buckets, _tag(match_column))
         attrs_name = _name("attrs", label, buckets)  # the same for every kind
-        attrs_done = attrs_name in self._attrs
-        for part in self._spill.parts(_name("normalized", label)):
-            source = pl.scan_ipc(part)
-            keys = profile_keys(source, kinds, match_column, unique=False).with_columns(
-                _b=key_bucket(pl.col("key"), buckets))
-            self._spill.write(keys_name, keys.collect(), bucket="_b")
-            if not attrs_done:
-                attrs = source.select(ATTRS).with_columns(
-                    _b=text_bucket(pl.col("profile_id"), buckets))
-                self._spill.write(attrs_name, attrs.collect(), bucket="_b")
-        self._attrs.add(attrs_name)
-        for b in range(buckets):  # a key may repeat across slices: settled once, here
+        rows_name = _name("numbered", label, buckets)
+        if attrs_name not in self._attrs:
+            self._number(label, buckets, rows_name, attrs_name)
+            self._attrs.add(attrs_name)
+        for b in range(buckets):
+            rows = self._spill.scan(rows_name, b)
+            if rows is None:
+                continue
+            keys = profile_keys(rows, kinds, match_column, unique=False, carry=NUMBER)
+            self._spill.write(keys_name, keys.with_columns(
+                _b=key_bucket(pl.col("key"), buckets)).collect(), bucket="_b")
+        for b in range(buckets):  # a key may repeat across profile buckets: settled here
             bucket_keys = self._spill.scan(keys_name, b)
             if bucket_keys is not None:
-                self._spill.replace(keys_name, b, unique_keys(bucket_keys).collect())
+                self._spill.replace(keys_name, b, unique_keys(bucket_keys).select(
+                    KEY_COLUMNS).collect())
         phones = None
         if "phone" in kinds and label not in self.reused:  # the cache holds no numbers
             normalized = self._spill.scan(_name("normalized", label))
             phones = known_phones(normalized).collect() if normalized is not None else None
         return ProfileIndex(self._spill, keys_name, attrs_name, buckets, phones)
+
+    def _number(self, label: str, buckets: int, rows_name: str, attrs_name: str) -> None:
+        """Profiles by profile bucket, sorted by profile_id and numbered (`pnum`, from 0):
+        later passes name a profile by (bucket, number) and sort and join on those integers
+        instead of profile_id strings; number order is profile_id order."""
+        for part in self._spill.parts(_name("normalized", label)):
+            normalized = pl.scan_ipc(part).drop(UNCACHED, strict=False)
+            self._spill.write(rows_name, normalized.with_columns(
+                _b=text_bucket(pl.col("profile_id"), buckets)).collect(), bucket="_b")
+        for b in range(buckets):
+            rows = self._spill.scan(rows_name, b)
+            if rows is None:
+                continue
+            numbered = (rows.sort("profile_id").with_row_index("pnum")
+                        .with_columns(pl.col("pnum").cast(pl.UInt32), pb=pl.lit(b, pl.UInt32))
+                        .collect())
+            self._spill.replace(rows_name, b, numbered)
+            self._spill.replace(attrs_name, b, numbered.select(ATTRS).with_columns(
+                email_order=hex_order(numbered.get_column("email_key"))))
 
     def _fetch(self, path: str) -> str:
         if isinstance(self._store, LocalStore):  # read in place (an SFTP root is remote)
@@ -337,6 +358,8 @@ def _remove_quietly(store: Store, folder: str) -> None:
 
 
 ATTRS = ("profile_id", "email_key", "crm_id", "ecid")
+NUMBER = ("pb", "pnum")  # a profile's bucket and its number (row) in that bucket's attributes
+KEY_COLUMNS = ("key", "matched_on", "suppressed", *NUMBER)
 
 
 class ProfileIndex:
@@ -348,19 +371,22 @@ class ProfileIndex:
         self.phones = phones  # (number, region, e164) for the feed side to reuse
 
     def keys(self, bucket: int) -> pl.LazyFrame:
-        """(key, matched_on, profile_id, suppressed) of one key bucket, one row per key."""
+        """(key, matched_on, suppressed, pb, pnum) of one key bucket, one row per key: the
+        profile as its bucket and number, a row of `attributes(pb)`."""
         part = self.spill.scan(self.keys_name, bucket)
         return _empty_keys() if part is None else part
 
     def attributes(self, bucket: int) -> pl.LazyFrame:
+        """DPUUID attributes of one profile bucket, sorted by profile_id: row n is the
+        profile numbered n."""
         part = self.spill.scan(self.attrs_name, bucket)
         return part if part is not None else pl.LazyFrame(
-            schema={c: pl.String for c in ATTRS})
+            schema={**{c: pl.String for c in ATTRS}, "email_order": pl.UInt64})
 
 
 def _empty_keys() -> pl.LazyFrame:
     return pl.LazyFrame(schema={"key": pl.String, "matched_on": pl.String,
-                                "profile_id": pl.String, "suppressed": pl.Boolean})
+                                "suppressed": pl.Boolean, "pb": pl.UInt32, "pnum": pl.UInt32})
 
 
 def _tag(match_column: str | None) -> str:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import random
 from datetime import date
 
 import polars as pl
@@ -15,6 +17,7 @@ from pipeline.formats import (
     InfoFile,
     OutboundName,
     group_deliveries,
+    hex_order,
     inbound_file_name,
     inbound_folder,
     inbound_lines,
@@ -719,6 +722,27 @@ def test_inbound_pieces_spell_the_same_lines() -> None:
         "aaa\td_sid=9002,d_sid=9003,d_unsid=9001\nbbb\td_sid=9001\n"
         "ccc\td_sid=9002,d_unsid=9001,d_unsid=9003\n")
     assert pieces["line"].to_list() == [0, 0, 0, 1, 2, 2, 2]
+
+
+@pytest.mark.parametrize("collide", [False, True])
+def test_inbound_pieces_hex_order_sorts_like_strings(collide: bool) -> None:
+    """SHA-256 DPUUIDs sorted on their first 16 hex digits give the very lines of the string
+    sort; two DPUUIDs sharing those digits (`collide`) must not interleave their signals."""
+    ids = [hashlib.sha256(str(n).encode()).hexdigest() for n in range(300)]
+    if collide:  # same first 16 digits, different rest: only the strings tell them apart
+        ids += [ids[0][:16] + "0" * 48, ids[0][:16] + "f" * 48]
+    rng = random.Random(7)
+    rows = _inbound([(rng.choice(ids), rng.choice([9001, 9002, 9003]),
+                      rng.choice(["add", "remove"])) for _ in range(3000)]
+                    + ([(ids[-2], 9001, "add"), (ids[-1], 9002, "add"),
+                        (ids[-2], 9003, "remove"), (ids[-1], 9001, "remove")]
+                       if collide else []))
+    order = hex_order(rows["dpuuid"])
+    assert order.has_nulls() == collide
+    fast = inbound_pieces(rows.with_columns(order=order))
+    assert_frame_equal(fast, inbound_pieces(rows))
+    text = fast["text"].str.join("").item()
+    assert text == "".join(f"{line}\n" for line in inbound_lines(rows)["line"])
 
 
 def test_inbound_lines_empty() -> None:

@@ -69,6 +69,7 @@ MEMORY_ROWS = 3_000_000  # spilled rows (resolved, rejects, mentions) a one-buck
 ROWS_PER_BATCH = 2 * LINES_PER_BUCKET
 MENTIONS_PER_BATCH = 8_000_000
 RESOLVED = ("key", "file_seq", "line_no", "added", "removed", "contact")
+PROFILE = "pnum"  # passes 2 and 3 name a profile by its number in its profile bucket
 AUDIENCE = {"profile_id": pl.String, "segment_id": pl.UInt32, "action": pl.String,
             "matched_on": pl.String}
 
@@ -100,6 +101,7 @@ class Setup:
     source: bool = False
     phones: str | None = None  # name of the known phones in the work area
     keys: str | None = None  # name of the profile keys in the work area
+    attrs: str | None = None  # name of the profile attributes in the work area
     contacts: bool = False
     quarantine: bool = True
 
@@ -118,7 +120,7 @@ class Setup:
                 phones = work.scan(self.phones)
                 res.phones = phones.collect() if phones is not None else None
             if self.keys:
-                res.profiles = ProfileIndex(work, self.keys, "", self.buckets)
+                res.profiles = ProfileIndex(work, self.keys, self.attrs or "", self.buckets)
             yield res
 
 
@@ -394,11 +396,7 @@ def _quarantined_line() -> pl.Expr:
 
 def match(plan: Plan, profiles: ProfileIndex, rep: DeliveryReport) -> None:
     """Pass 2: join each key bucket; spill segment mentions by profile (and contact) bucket."""
-    local = replace(plan.local, profiles=profiles)
-    setup = plan.setup
-    if plan.executor.remote:
-        _share_keys(profiles, plan.work)
-        setup = replace(setup, keys=profiles.keys_name)
+    local, setup = _with_profiles(plan, profiles)
     for counts in plan.executor.map(match_bucket, range(plan.buckets), local, setup):
         _add(rep, counts)
     plan.work.release("resolved")
@@ -414,26 +412,40 @@ def match_bucket(bucket: int, res: Resources) -> dict[str, int]:
     counts: dict[str, int] = {}
     for n, rows in enumerate(batches):
         joined = join.match(rows, keys).collect()
-        for name, value in join.count_matches(joined).items():
+        for name, value in join.count_matches(joined, PROFILE).items():
             counts[name] = counts.get(name, 0) + value
         part, lazy = f"{bucket:06d}-{n:04d}", joined.lazy()
-        res.work.write("mentions", join.segment_rows(lazy).with_columns(
-            _b=text_bucket(pl.col("profile_id"), res.buckets)).collect(), bucket="_b",
-            part=part)
+        # by the profile's bucket, which the index already knows: no hashing of IDs here
+        res.work.write("mentions", join.segment_rows(lazy, PROFILE, carry=("pb",)).collect(),
+                       bucket="pb", part=part)
         if res.contacts:
-            res.work.write("contacts", join.contact_rows(lazy).with_columns(
+            res.work.write("contacts", join.contact_rows(lazy, PROFILE).with_columns(
                 _b=text_bucket(pl.col("profile_id"), res.buckets)).collect(), bucket="_b",
                 part=part)
     return counts
 
 
-def _share_keys(profiles: ProfileIndex, work: WorkArea) -> None:
-    """Profile keys of every key bucket into the work area, where workers can read them."""
+def _with_profiles(plan: Plan, profiles: ProfileIndex) -> tuple[Resources, Setup]:
+    """Resources of passes 2 and 3: the profile index (shared once with remote workers)."""
+    local = replace(plan.local, profiles=profiles)
+    setup = plan.setup
+    if plan.executor.remote:
+        if setup.keys != profiles.keys_name:
+            _share_index(profiles, plan.work)
+        setup = replace(setup, keys=profiles.keys_name, attrs=profiles.attrs_name)
+        plan.setup = setup
+    return local, setup
+
+
+def _share_index(profiles: ProfileIndex, work: WorkArea) -> None:
+    """Profile keys and attributes of every bucket into the work area, where workers can
+    read them."""
     spill = profiles.spill
     assert isinstance(spill, Spill)  # the client's index is on its own disk
-    for bucket in range(profiles.buckets):
-        for part in spill.parts(profiles.keys_name, bucket):
-            work.copy_in(part, profiles.keys_name, bucket, part.stem)
+    for name in (profiles.keys_name, profiles.attrs_name):
+        for bucket in range(profiles.buckets):
+            for part in spill.parts(name, bucket):
+                work.copy_in(part, name, bucket, part.stem)
 
 
 # --- pass 3 ---------------------------------------------------------------------------------
@@ -486,8 +498,9 @@ def _fill(plan: Plan, profiles: ProfileIndex, audience_writers: dict[str, Audien
     mirrored = Mirroring({})
     tasks = [MergeTask(b, plan.delivery.full, bool(audience_writers), bool(contact_writers))
              for b in range(plan.buckets)]
-    for task, merged in zip(tasks, plan.executor.map(merge_bucket, tasks, plan.local,
-                                                     plan.setup), strict=True):
+    local, setup = _with_profiles(plan, profiles)
+    for task, merged in zip(tasks, plan.executor.map(merge_bucket, tasks, local, setup),
+                            strict=True):
         if merged.get("members"):
             mirrored.parts[task.bucket] = plan.work.get_file(_members_file(task.bucket))
         mirrored.leavers += merged.get("leavers", 0)
@@ -510,8 +523,10 @@ def merge_bucket(task: MergeTask, res: Resources) -> dict[str, int]:
     rows: dict[str, int] = {}
     with tempfile.TemporaryDirectory(prefix="members-") as tmp:
         part = Path(tmp) / "part.parquet"
+        assert res.profiles is not None
+        attrs = res.profiles.attributes(task.bucket).collect()
         audience, rows["leavers"], rows["removed"] = mirror_bucket(res.work, task.bucket,
-                                                                   task.full, part)
+                                                                   task.full, part, attrs)
         if part.exists():
             res.work.put_file(part, _members_file(task.bucket))
             rows["members"] = 1
@@ -534,23 +549,30 @@ def _members_file(bucket: int) -> str:
     return f"next_members/{bucket}.parquet"
 
 
-def mirror_bucket(work: WorkArea, bucket: int, full: bool, part: Path
+def mirror_bucket(work: WorkArea, bucket: int, full: bool, part: Path, attrs: pl.DataFrame
                   ) -> tuple[pl.DataFrame | None, int, int]:
     """One profile bucket: the merged audience plus its leavers, and the bucket's membership
     after the delivery written to `part` (when not empty). Returns (audience rows or None
-    when the bucket holds nothing, leavers, pairs removed from the membership)."""
-    mentions = _mentions(work, "mentions", bucket)
+    when the bucket holds nothing, leavers, pairs removed from the membership). Audience
+    rows carry the profile's number (`pnum`: row of `attrs`, the bucket's attributes) and
+    its profile_id; a leaver no longer in the snapshot has no number."""
+    mentions = _mentions(work, "mentions", bucket, PROFILE)
     members = work.scan("members", bucket)
     if mentions is None and members is None:
         return None, 0, 0
-    audience = (join.merge_segments(mentions).collect() if mentions is not None
-                else pl.DataFrame(schema=AUDIENCE))
+    audience = (join.merge_segments(mentions, PROFILE).collect() if mentions is not None
+                else pl.DataFrame(schema={PROFILE: pl.UInt32, **AUDIENCE}).drop("profile_id"))
+    ids = attrs.get_column("profile_id")
+    audience = audience.with_columns(profile_id=ids.gather(audience.get_column(PROFILE)))
     result = mirror(audience, members.collect() if members is not None else empty_members(),
                     full)
     if result.members.height:
         write_members(result.members, part)
     if result.leavers.height:  # only `full` has leavers: `iter` rows stay as they were
-        audience = pl.concat([audience, result.leavers])
+        numbers = ids.to_frame().with_row_index(PROFILE).with_columns(
+            pl.col(PROFILE).cast(pl.UInt32))
+        leavers = result.leavers.join(numbers, on="profile_id", how="left")
+        audience = pl.concat([audience, leavers.select(audience.columns)])
     return audience, result.leavers.height, result.removed
 
 
@@ -564,13 +586,15 @@ def _check_removals(feed: FeedConfig, base: FeedVersion | None, mirrored: Mirror
                              f"{feed.max_removal_ratio}; nothing published")
 
 
-def _mentions(work: WorkArea, name: str, bucket: int) -> pl.LazyFrame | None:
+def _mentions(work: WorkArea, name: str, bucket: int, profile: str = "profile_id"
+              ) -> pl.LazyFrame | None:
     """One bucket's segment mentions; a bucket too big to merge at once (one profile in
     millions of lines) is first reduced batch by batch."""
     batches = work.batches(name, bucket, MENTIONS_PER_BATCH)
     if len(batches) <= 1:
         return batches[0] if batches else None
-    return pl.concat([join.reduce_mentions(rows).collect() for rows in batches]).lazy()
+    return pl.concat([join.reduce_mentions(rows, profile).collect() for rows in batches]
+                     ).lazy()
 
 
 def _read(work: WorkArea, name: str, bucket: int) -> pl.DataFrame:

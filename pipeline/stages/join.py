@@ -68,9 +68,10 @@ def crm_key_column(match_column: str | None) -> str:
 
 
 def profile_keys(profiles: pl.LazyFrame, kinds: tuple[str, ...],
-                 match_column: str | None = None, unique: bool = True) -> pl.LazyFrame:
-    """(key, matched_on, profile_id, suppressed), one row per key (`unique=False`: one per
-    profile and kind, for a caller that settles repeats once over all its slices).
+                 match_column: str | None = None, unique: bool = True,
+                 carry: tuple[str, ...] = ()) -> pl.LazyFrame:
+    """(key, matched_on, profile_id, suppressed, *carry), one row per key (`unique=False`:
+    one per profile and kind, for a caller that settles repeats once over all its slices).
 
     Two profiles sharing a key (same email twice) resolve to the smallest profile_id, so the
     choice is deterministic across runs. On a key bucket this gives the same answer as on the
@@ -78,9 +79,9 @@ def profile_keys(profiles: pl.LazyFrame, kinds: tuple[str, ...],
     """
     parts = [
         profiles.select(
-            key=pl.col(crm_key_column(match_column) if kind == "crm" else f"{kind}_key"),
-            matched_on=pl.lit(kind), profile_id="profile_id",
-            suppressed="suppressed",
+            pl.col(crm_key_column(match_column) if kind == "crm" else f"{kind}_key")
+            .alias("key"),
+            pl.lit(kind).alias("matched_on"), "profile_id", "suppressed", *carry,
         ).filter(pl.col("key").is_not_null())
         for kind in kinds
     ]
@@ -108,11 +109,12 @@ def match(resolved: pl.LazyFrame, keys: pl.LazyFrame) -> pl.LazyFrame:
     return resolved.join(keys, on="key", how="left", validate="m:1")
 
 
-def count_matches(joined: pl.DataFrame) -> dict[str, int]:
+def count_matches(joined: pl.DataFrame, profile: str = "profile_id") -> dict[str, int]:
     """matched / unmatched / suppressed over resolved (not rejected) rows; a row stands for
-    `lines` input lines where `collapse_repeats` made it."""
+    `lines` input lines where `collapse_repeats` made it. `profile`: the column a matched
+    row's profile is named by (set for every match)."""
     ok = pl.col("reject").is_null() if "reject" in joined.columns else pl.lit(True)
-    found = pl.col("profile_id").is_not_null()
+    found = pl.col(profile).is_not_null()
     lines = pl.col("lines") if "lines" in joined.columns else pl.lit(1, pl.UInt32)
     row = joined.select(
         matched=lines.filter(ok & found).sum(),
@@ -179,21 +181,22 @@ def collapse_repeats(resolved: pl.DataFrame) -> pl.DataFrame:
     ).select(once.columns).vstack(once)
 
 
-def segment_rows(joined: pl.LazyFrame) -> pl.LazyFrame:
-    """Matched, non-suppressed rows -> one row per segment mention: (profile_id, segment_id,
-    order).
+def segment_rows(joined: pl.LazyFrame, profile: str = "profile_id",
+                 carry: tuple[str, ...] = ()) -> pl.LazyFrame:
+    """Matched, non-suppressed rows -> one row per segment mention: (`profile`, segment_id,
+    order, *carry). `profile` names the profile: its ID, or its number in its bucket.
 
     `order` packs what the merge needs into one integer, so it can take a plain max instead
     of a sort or arg_max: file_seq, line_no, then the removal after the add of the same line,
     then how the profile was matched (one line has one ID, so this never decides the order).
     """
-    rows = joined.filter(pl.col("profile_id").is_not_null() & ~pl.col("suppressed"))
+    rows = joined.filter(pl.col(profile).is_not_null() & ~pl.col("suppressed"))
     line = _line_order(pl.col("file_seq"), pl.col("line_no"))
     matched = pl.col("matched_on").cast(pl.Enum(MATCHED_ON)).to_physical().cast(pl.UInt64)
 
     def mentions(column: str, removal: int) -> pl.LazyFrame:
         order = (line + removal) * (1 << _MATCH_BITS) + matched
-        return rows.select("profile_id", segment_id=pl.col(column), order=order)
+        return rows.select(profile, *carry, segment_id=pl.col(column), order=order)
 
     return (
         pl.concat([mentions("added", 0), mentions("removed", 1)])
@@ -202,14 +205,14 @@ def segment_rows(joined: pl.LazyFrame) -> pl.LazyFrame:
     )
 
 
-def reduce_mentions(rows: pl.LazyFrame) -> pl.LazyFrame:
-    """Segment mentions -> the winning mention per (profile_id, segment_id), same columns:
+def reduce_mentions(rows: pl.LazyFrame, profile: str = "profile_id") -> pl.LazyFrame:
+    """Segment mentions -> the winning mention per (profile, segment_id), same columns:
     merging part by part then merging the parts' results gives the whole merge's answer."""
-    return rows.group_by("profile_id", "segment_id").agg(pl.col("order").max())
+    return rows.group_by(profile, "segment_id").agg(pl.col("order").max())
 
 
-def merge_segments(rows: pl.LazyFrame) -> pl.LazyFrame:
-    """Segment mentions -> (profile_id, segment_id, action, matched_on), one per pair.
+def merge_segments(rows: pl.LazyFrame, profile: str = "profile_id") -> pl.LazyFrame:
+    """Segment mentions -> (`profile`, segment_id, action, matched_on), one per pair.
 
     A segment both added and removed for a profile: the later line (file_seq, line_no) wins;
     within one line the removal wins. Rows come out in no particular order: the writers sort.
@@ -218,9 +221,9 @@ def merge_segments(rows: pl.LazyFrame) -> pl.LazyFrame:
     removal = last // (1 << _MATCH_BITS) % 2
     matched = (last % (1 << _MATCH_BITS)).cast(pl.UInt32)
     return (
-        rows.group_by("profile_id", "segment_id").agg(last.max())
+        rows.group_by(profile, "segment_id").agg(last.max())
         .select(
-            "profile_id", pl.col("segment_id").cast(pl.UInt32),
+            profile, pl.col("segment_id").cast(pl.UInt32),
             action=pl.when(removal == 1).then(pl.lit("remove")).otherwise(pl.lit("add")),
             matched_on=pl.lit(pl.Series(MATCHED_ON)).gather(matched),
         )
@@ -232,10 +235,10 @@ def audience(joined: pl.LazyFrame) -> pl.LazyFrame:
     return merge_segments(segment_rows(joined)).sort("profile_id", "segment_id")
 
 
-def contact_rows(joined: pl.LazyFrame) -> pl.LazyFrame:
+def contact_rows(joined: pl.LazyFrame, profile: str = "profile_id") -> pl.LazyFrame:
     """Segment mentions of decrypted addresses with no profile (PII), keyed by `contact`."""
     # Rejected rows carry no contact (resolve clears it), so no reject filter is needed.
-    rows = joined.filter(pl.col("profile_id").is_null() & pl.col("contact").is_not_null())
+    rows = joined.filter(pl.col(profile).is_null() & pl.col("contact").is_not_null())
     return segment_rows(rows.with_columns(profile_id=pl.col("contact"),
                                           matched_on=pl.lit("contact"),
                                           suppressed=pl.lit(False)))
