@@ -405,3 +405,13 @@ def test_encrypt_then_decrypt_is_identity(plain: str, algorithm: str, key_size: 
     key = os.urandom(key_size)
     token = encrypt_value(plain, algorithm, key)
     assert decrypt_values([token], algorithm, key).to_list() == [plain]
+
+
+def test_a_bad_token_among_good_ones_nulls_only_itself() -> None:
+    # Canonical tokens decode as they are, the others after a clean-up; plaintexts are
+    # checked for UTF-8 as a column: one bad value must not spoil the rest.
+    good = [_b64(_gcm(KEY, p.encode())) for p in PLAINS]
+    tokens = [good[0], f" {good[1]}\t", _b64(_gcm(KEY, b"\xff\xfe")), good[2],
+              _b64(_gcm(KEY, PLAINS[3].encode()), urlsafe=True, padded=False), None, good[4]]
+    expected = [PLAINS[0], PLAINS[1], None, PLAINS[2], PLAINS[3], None, PLAINS[4]]
+    assert decrypt_values(tokens, "aes-gcm", KEY).to_list() == expected
