@@ -15,6 +15,7 @@ import os
 import secrets
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -70,6 +71,7 @@ class Spill:
     pure cost (~0.1 s of a small delivery's fixed cost in file system calls alone), while a
     delivery larger than announced still runs in bounded memory. Only for a spill that one
     process writes and reads (the local executor's); a Dask work area has none.
+    Tasks running on threads of that process may write at once.
     """
 
     def __init__(self, folder: str | Path, memory_rows: int = 0) -> None:
@@ -81,6 +83,7 @@ class Spill:
         self._frames: dict[tuple[str, int], dict[str, pl.DataFrame]] = {}  # by part name
         self._held = 0  # rows in _frames
         self._written = False  # a part went to a file
+        self._lock = threading.Lock()  # writes from tasks on threads
 
     @property
     def in_memory(self) -> bool:
@@ -94,20 +97,23 @@ class Spill:
         """
         if frame.is_empty():
             return
-        if part is None:
-            number = self._parts.get(name, 0)
-            self._parts[name] = number + 1
-            part = f"{number:06d}"
-        keep = self.in_memory and self._held + frame.height <= self.memory_rows
-        if not keep:
-            self._flush()
-        for b, rows in _groups(frame, bucket):
+        groups = _groups(frame, bucket)
+        with self._lock:
+            if part is None:
+                number = self._parts.get(name, 0)
+                self._parts[name] = number + 1
+                part = f"{number:06d}"
+            keep = self.in_memory and self._held + frame.height <= self.memory_rows
             if keep:
-                held = self._frames.setdefault((name, b), {})
-                self._held += rows.height - (held[part].height if part in held else 0)
-                held[part] = rows
-            else:
-                self._write_part(name, b, part, rows)
+                for b, rows in groups:
+                    held = self._frames.setdefault((name, b), {})
+                    self._held += rows.height - (held[part].height if part in held else 0)
+                    held[part] = rows
+                return
+            self._flush()  # from now on every part goes to a file
+            self._written = True
+        for b, rows in groups:  # files of their own: no lock needed
+            self._write_part(name, b, part, rows)
 
     def _write_part(self, name: str, bucket: int, part: str, rows: pl.DataFrame) -> None:
         target = self.folder / name / f"b={bucket}" / f"{part}.arrow"

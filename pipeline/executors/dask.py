@@ -78,7 +78,8 @@ class DaskExecutor:
         return open_work_area(_join(self.work.url, name), self.work.options)
 
     def map(self, fn: Callable[[T, R], U], tasks: Sequence[T], local: R,
-            portable: Portable[R]) -> Iterator[U]:
+            portable: Portable[R], threads: int = 1) -> Iterator[U]:
+        # `threads` is for in-process executors: the cluster spreads tasks over its workers.
         client = self.client()
         batch = uuid.uuid4().hex[:12]
         keys = [f"{fn.__name__}-{batch}-{i}" for i in range(len(tasks))]

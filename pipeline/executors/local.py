@@ -1,8 +1,11 @@
-"""What an executor is, and the local one: tasks in this process, one after another."""
+"""What an executor is, and the local one: tasks in this process, one after another (or a
+few at once on threads, where the caller asks)."""
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Protocol, TypeVar
@@ -33,9 +36,10 @@ class Executor(Protocol):
         """The spill of one delivery; `memory_rows` a hint for in-process ones."""
 
     def map(self, fn: Callable[[T, R], U], tasks: Sequence[T], local: R,
-            portable: Portable[R]) -> Iterator[U]:
+            portable: Portable[R], threads: int = 1) -> Iterator[U]:
         """fn(task, resources) for every task; results in task order. `local` are the
-        resources for tasks run in this process, `portable` how a worker opens its own."""
+        resources for tasks run in this process, `portable` how a worker opens its own.
+        `threads`: tasks an in-process executor may run at once (fn must be thread-safe)."""
 
     def describe(self) -> dict[str, object]: ...
 
@@ -43,7 +47,8 @@ class Executor(Protocol):
 
 
 class LocalExecutor:
-    """Tasks in this process, one after another, as they are consumed (bounded memory)."""
+    """Tasks in this process as they are consumed (bounded memory): one after another, or
+    up to `threads` at once."""
 
     kind = "local"
     remote = False
@@ -57,10 +62,38 @@ class LocalExecutor:
         return Spill(self.workdir / name, memory_rows)
 
     def map(self, fn: Callable[[T, R], U], tasks: Sequence[T], local: R,
-            portable: Portable[R]) -> Iterator[U]:
-        for task in tasks:
-            self.tasks += 1
-            yield fn(task, local)
+            portable: Portable[R], threads: int = 1) -> Iterator[U]:
+        if threads <= 1 or len(tasks) <= 1:
+            for task in tasks:
+                self.tasks += 1
+                yield fn(task, local)
+            return
+        yield from self._threaded(fn, tasks, local, threads)
+
+    def _threaded(self, fn: Callable[[T, R], U], tasks: Sequence[T], local: R,
+                  threads: int) -> Iterator[U]:
+        """At most `threads` tasks started and not yet consumed: a task starts when the
+        result before the window is taken, so memory holds `threads` tasks' work. A failed
+        task raises in task order; leaving early waits for the running ones (no thread
+        outlives the call) and starts no more."""
+        pending: deque[Future[U]] = deque()
+        queued = iter(tasks)
+        with ThreadPoolExecutor(threads, thread_name_prefix="task") as pool:
+            try:
+                for task in queued:
+                    pending.append(pool.submit(fn, task, local))
+                    if len(pending) == threads:
+                        break
+                while pending:
+                    result = pending.popleft().result()
+                    self.tasks += 1
+                    for task in queued:  # the next one, if any
+                        pending.append(pool.submit(fn, task, local))
+                        break
+                    yield result
+            finally:
+                for future in pending:
+                    future.cancel()
 
     def describe(self) -> dict[str, object]:
         return {"kind": self.kind, "tasks": self.tasks}

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
@@ -68,6 +69,10 @@ MEMORY_ROWS = 3_000_000  # spilled rows (resolved, rejects, mentions) a one-buck
 # one bucket, which is then processed in batches. Above any normal bucket's size.
 ROWS_PER_BATCH = 2 * LINES_PER_BUCKET
 MENTIONS_PER_BATCH = 8_000_000
+# Split files read at once by an in-process executor: the AES loop and the rest of a task
+# hold the GIL for only part of its time, so two tasks keep two cores busy; each holds
+# at most two chunks.
+SPLIT_THREADS = min(2, os.cpu_count() or 1)
 RESOLVED = ("key", "file_seq", "line_no", "added", "removed", "contact")
 PROFILE = "pnum"  # passes 2 and 3 name a profile by its number in its profile bucket
 AUDIENCE = {"profile_id": pl.String, "segment_id": pl.UInt32, "action": pl.String,
@@ -351,8 +356,9 @@ def ingest(ctx: Context, plan: Plan, source: Store | None, rep: DeliveryReport,
         setup = replace(setup, phones="phones")
     tasks = [SplitTask(seq, f) for seq, f in enumerate(plan.delivery.files, start=1)]
     # PGP files are decrypted where the secret key is: here (the same task, in process).
-    results = (plan.executor.map(ingest_split, tasks, local, setup) if decryptor is None
-               else (ingest_split(task, local) for task in tasks))
+    threads = SPLIT_THREADS if source is not None and source.parallel_reads else 1
+    results = (plan.executor.map(ingest_split, tasks, local, setup, threads=threads)
+               if decryptor is None else (ingest_split(task, local) for task in tasks))
     for counts in results:
         _add(rep, counts)
     if rep.rejected and not ctx.options.dry_run:

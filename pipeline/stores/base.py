@@ -62,6 +62,9 @@ def plain_entries(entries: Iterable[Entry], url: str) -> list[Entry]:
 
 class Store(Protocol):
     url: str
+    # Files may be read on several threads at once (one client shared): local files and
+    # boto3's client are; a paramiko SFTP session is read one file at a time.
+    parallel_reads: bool
 
     def list(self, prefix: str = "") -> list[Entry]:
         """Every file under prefix (recursive), sorted by path. Missing prefix -> []."""

@@ -22,6 +22,8 @@ def _is_temp(name: str) -> bool:
 
 
 class LocalStore:
+    parallel_reads = True
+
     def __init__(self, url: str, options: StoreOptions | None = None) -> None:
         self.url = url
         path = unquote(urlsplit(url).path) if url.startswith("file://") else url

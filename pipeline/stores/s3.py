@@ -30,6 +30,8 @@ THROTTLED = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout"}
 
 
 class S3Store:
+    parallel_reads = True
+
     def __init__(self, url: str, options: StoreOptions | None = None) -> None:
         self.url = url
         bucket, _, prefix = url.removeprefix("s3://").partition("/")

@@ -52,6 +52,8 @@ def _load_key(identity: str) -> paramiko.PKey:
 
 
 class SftpStore:
+    parallel_reads = False
+
     def __init__(self, url: str, options: StoreOptions | None = None) -> None:
         self.url = url
         parts = urlsplit(url)
