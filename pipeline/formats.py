@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import Any
@@ -485,16 +485,18 @@ def inbound_lines(rows: pl.DataFrame) -> pl.DataFrame:
 
 
 def hex_order(digests: pl.Series) -> pl.Series:
-    """The first 16 digits of each lowercase hex digest as an integer: sorting on them sorts
-    the digests without comparing strings. All null when two different digests share those
-    digits (then only the strings order them; about one chance in 10^7 at 10^6 digests)."""
+    """Each lowercase hex digest's rank among `digests` (UInt32, from 1; equal digests, equal
+    rank), found from its first 16 digits as an integer: sorting on it sorts the digests
+    without comparing strings. All null when two different digests share those digits (then
+    only the strings order them; about one chance in 10^7 at 10^6 digests)."""
     high, low = (pl.col("d").str.slice(start, 8).str.to_integer(base=16).cast(pl.UInt64)
                  for start in (0, 8))
-    frame = digests.to_frame("d").select("d", order=high * (1 << 32) + low)
-    shared = frame.filter(pl.col("order").is_duplicated())  # few: only these need strings
-    clash = shared.select(pl.col("order").n_unique() != pl.col("d").n_unique()).item()
-    return frame.get_column("order") if not clash else pl.repeat(
-        None, len(digests), dtype=pl.UInt64, eager=True).alias("order")
+    frame = digests.to_frame("d").select("d", prefix=high * (1 << 32) + low)
+    shared = frame.filter(pl.col("prefix").is_duplicated())  # few: only these need strings
+    clash = shared.select(pl.col("prefix").n_unique() != pl.col("d").n_unique()).item()
+    if clash:
+        return pl.repeat(None, len(digests), dtype=pl.UInt32, eager=True).alias("order")
+    return frame.get_column("prefix").rank("dense").cast(pl.UInt32).alias("order")
 
 
 def inbound_pieces(rows: pl.DataFrame) -> pl.DataFrame:
@@ -503,34 +505,61 @@ def inbound_pieces(rows: pl.DataFrame) -> pl.DataFrame:
     Columns `line` (0-based line number) and `text`; joining the pieces of lines a..b gives
     those lines, each ending in a newline. One sort by (DPUUID, trait, removal) puts every
     repeat of a (DPUUID, trait) next to its add, so neighbours settle duplicates and lines
-    without any group-by on 64-char strings; a stable numeric sort then puts adds first.
-    An `order` column without nulls (`hex_order` of SHA-256 DPUUIDs, equal exactly when the
-    DPUUIDs are) sorts as the DPUUIDs do: the sort then runs on integers. Either way the
-    DPUUID strings are never moved by a sort, only picked once per line.
+    without any group-by on 64-char strings; a stable sort then puts adds first.
+    An `order` column without nulls (`hex_order` of SHA-256 DPUUIDs) ranks the DPUUIDs:
+    both sorts then run on one packed integer. Either way the DPUUID strings are never moved
+    by a sort, only picked once per line.
     """
-    _check_inbound_rows(rows)
-    by_order = "order" in rows.columns and not rows.get_column("order").has_nulls()
-    ident = pl.col("order") if by_order else pl.col("dpuuid")
-    trait = pl.col("trait_id")
+    ranked = "order" in rows.columns and not rows.get_column("order").has_nulls()
+    _check_inbound_rows(rows, digests=ranked)
+    signals = _ranked_signals(rows) if ranked else _sorted_signals(rows)
+    starts = rows.get_column("dpuuid").gather(signals.get_column("_row"))  # null but first
+    return signals.select("line", text=pl.concat_str(pl.lit(starts), _signals(signals),
+                                                     ignore_nulls=True))
+
+
+def _ranked_signals(rows: pl.DataFrame) -> pl.DataFrame:
+    """`_lines` over one UInt64 per row: DPUUID rank, trait index, removal bit."""
+    traits = rows.get_column("trait_id").cast(pl.Int64).unique().sort()
+    trait = pl.lit(traits).search_sorted(pl.col("trait_id").cast(pl.Int64)).cast(pl.UInt64)
+    removal = (pl.col("action") != "add").cast(pl.UInt64)
+    key = pl.col("order").cast(pl.UInt64) * (1 << 32) + trait * 2 + removal
+    packed = rows.lazy().select(_key=key, trait_id=pl.col("trait_id").cast(pl.Int64),
+                                _removal=removal.cast(pl.Boolean),
+                                _row=pl.int_range(pl.len(), dtype=pl.UInt32))
+    return _lines(packed.sort("_key"), pl.col("_key") // (1 << 32), pl.col("_key") // 2,
+                  lambda line: [line.cast(pl.UInt64) * 2 + pl.col("_removal").cast(pl.UInt64)])
+
+
+def _sorted_signals(rows: pl.DataFrame) -> pl.DataFrame:
+    """`_lines` over the DPUUID strings themselves."""
     ordered = (rows.lazy()
-               .select(ident, trait.cast(pl.Int64), _removal=pl.col("action") != "add",
+               .select("dpuuid", pl.col("trait_id").cast(pl.Int64),
+                       _removal=pl.col("action") != "add",
                        _row=pl.int_range(pl.len(), dtype=pl.UInt32))
-               .sort(ident, "trait_id", "_removal"))  # an add sorts before its removal: it wins
-    repeat = ((ident == ident.shift(1)) & (trait == trait.shift(1))).fill_null(False)
+               .sort("dpuuid", "trait_id", "_removal"))
+    return _lines(ordered, pl.col("dpuuid"), pl.struct("dpuuid", "trait_id"),
+                  lambda line: [line, pl.col("_removal")])
+
+
+def _lines(ordered: pl.LazyFrame, ident: pl.Expr, pair: pl.Expr,
+           line_order: Callable[[pl.Expr], list[pl.Expr]]) -> pl.DataFrame:
+    """Signals of rows sorted by (DPUUID, trait, removal) (an add before its removal: it
+    wins), repeats of a (DPUUID, trait) dropped, numbered by line and put adds first:
+    (line, trait_id, _removal, _first, _last, _row: the row's index where it starts a line).
+    `ident`/`pair` are equal exactly where DPUUIDs / (DPUUID, trait) are."""
     first = (ident != ident.shift(1)).fill_null(True)
     last = (ident != ident.shift(-1)).fill_null(True)
-    signals = (
+    line = (first.cum_sum() - 1).cast(pl.UInt32)
+    return (
         ordered
-        .filter(~repeat)
-        .with_columns(line=(first.cum_sum() - 1).cast(pl.UInt32))
-        .sort("line", "_removal", maintain_order=True)  # adds first, traits still ascending
+        .filter((pair != pair.shift(1)).fill_null(True))
+        .with_columns(line=line)
+        .sort(*line_order(pl.col("line")), maintain_order=True)  # adds first, traits ascending
         .select("line", "trait_id", "_removal", _first=first, _last=last,
                 _row=pl.when(first).then(pl.col("_row")))
         .collect()
     )
-    starts = rows.get_column("dpuuid").gather(signals.get_column("_row"))  # null but first
-    return signals.select("line", text=pl.concat_str(pl.lit(starts), _signals(signals),
-                                                     ignore_nulls=True))
 
 
 def _signals(rows: pl.DataFrame) -> pl.Series:
@@ -546,10 +575,13 @@ def _signals(rows: pl.DataFrame) -> pl.Series:
     return rows.select(pl.lit(pl.Series(texts, dtype=pl.String)).gather(code)).to_series()
 
 
-def _check_inbound_rows(rows: pl.DataFrame) -> None:
+def _check_inbound_rows(rows: pl.DataFrame, digests: bool = False) -> None:
+    """`digests`: the DPUUIDs are hex SHA-256 digests (never empty, no tab or line break):
+    their characters need no check."""
     # Counts only: a DPUUID may be a hashed email or CRM ID and never goes into a message.
     checks = {
-        "an empty DPUUID or one with a tab/line break": ~valid_dpuuid("dpuuid"),
+        "an empty DPUUID or one with a tab/line break": (
+            pl.col("dpuuid").is_null() if digests else ~valid_dpuuid("dpuuid")),
         "an action other than add/remove": ~pl.col("action").is_in(["add", "remove"])
         | pl.col("action").is_null(),
         "no trait ID": pl.col("trait_id").is_null(),
