@@ -251,10 +251,13 @@ def mirror(audience: pl.DataFrame, members: pl.DataFrame, full: bool) -> Mirrore
     )
 
 
-def write_members(members: pl.DataFrame, path: Path) -> None:
-    """One bucket of a version as Parquet: sorted, so equal memberships give equal bytes."""
+def write_members(members: pl.DataFrame, path: Path, presorted: bool = False) -> None:
+    """One bucket of a version as Parquet: sorted (unless `presorted` says it is already),
+    so equal memberships give equal bytes."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    members.select(list(MEMBERS)).sort(list(MEMBERS)).write_parquet(path, compression="zstd")
+    members = members.select(list(MEMBERS))
+    (members if presorted else members.sort(list(MEMBERS))).write_parquet(
+        path, compression="zstd")
 
 
 class FeedMembership:

@@ -157,3 +157,26 @@ def test_removal_valve_is_strict(removed, ratio, fails):
     else:
         aam._check_removals(feed, base, mirrored)
     aam._check_removals(feed, None, aam.Mirroring({}, removed=0))  # first delivery: no base
+
+
+@pytest.mark.parametrize("full", [False, True])
+def test_mirror_bucket_without_membership_writes_what_mirror_would(full, tmp_path):
+    """A bucket with no membership yet skips the mirror (and its sort): the part written is
+    byte for byte the one `mirror` against an empty membership gives, in profile_id order
+    (profile numbers follow profile_id's string order: P10 sorts before P2)."""
+    attrs = pl.DataFrame({"profile_id": ["P1", "P10", "P2"]})
+    work = Spill(tmp_path / "work")
+    order = [10 * 8, 11 * 8, 12 * 8, 14 * 8, 16 * 8]  # (line order + removal) * 8: odd removes
+    work.write("mentions", pl.DataFrame(
+        {"pnum": [2, 0, 1, 1, 0], "segment_id": [7, 7, 9, 3, 3], "order": order},
+        schema={"pnum": pl.UInt32, "segment_id": pl.UInt32, "order": pl.UInt64}))
+    part = tmp_path / "fast.parquet"
+    rows, leavers, removed = aam.mirror_bucket(work, 0, full, part, attrs)
+    assert (leavers, removed) == (0, 0)
+    assert rows is not None
+    assert rows.select("profile_id", "segment_id").rows() == [
+        ("P1", 3), ("P1", 7), ("P10", 3), ("P10", 9), ("P2", 7)]
+    expected = tmp_path / "mirror.parquet"
+    write_members(mirror(rows.drop("pnum"), empty_members(), full).members, expected)
+    assert part.read_bytes() == expected.read_bytes()
+    assert pl.read_parquet(part).rows() == [("P1", 3), ("P10", 3), ("P10", 9), ("P2", 7)]

@@ -569,7 +569,13 @@ def mirror_bucket(work: WorkArea, bucket: int, full: bool, part: Path, attrs: pl
     audience = (join.merge_segments(mentions, PROFILE).collect() if mentions is not None
                 else pl.DataFrame(schema={PROFILE: pl.UInt32, **AUDIENCE}).drop("profile_id"))
     ids = attrs.get_column("profile_id")
-    audience = audience.with_columns(profile_id=ids.gather(audience.get_column(PROFILE)))
+    audience = (audience.with_columns(profile_id=ids.gather(audience.get_column(PROFILE)))
+                .sort(publish.profile_order()))
+    if members is None:  # nothing to mirror against: the pairs added, already in order
+        added = audience.filter(pl.col("action") == "add").select("profile_id", "segment_id")
+        if added.height:
+            write_members(added, part, presorted=True)
+        return audience, 0, 0
     result = mirror(audience, members.collect() if members is not None else empty_members(),
                     full)
     if result.members.height:
