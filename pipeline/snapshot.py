@@ -155,6 +155,22 @@ class Snapshots:
         if attrs_name not in self._attrs:
             self._number(label, buckets, rows_name, attrs_name)
             self._attrs.add(attrs_name)
+        if buckets == 1:  # one bucket of each: no shuffle between them
+            rows = self._spill.scan(rows_name)
+            if rows is not None:
+                keys = profile_keys(rows, kinds, match_column, carry=NUMBER)
+                self._spill.replace(keys_name, 0, keys.select(KEY_COLUMNS).collect())
+        else:
+            self._shuffle_keys(rows_name, keys_name, kinds, buckets, match_column)
+        phones = None
+        if "phone" in kinds and label not in self.reused:  # the cache holds no numbers
+            normalized = self._spill.scan(_name("normalized", label))
+            phones = known_phones(normalized).collect() if normalized is not None else None
+        return ProfileIndex(self._spill, keys_name, attrs_name, buckets, phones)
+
+    def _shuffle_keys(self, rows_name: str, keys_name: str, kinds: tuple[str, ...],
+                      buckets: int, match_column: str | None) -> None:
+        """Keys of every profile bucket to their key buckets, then one row per key."""
         for b in range(buckets):
             rows = self._spill.scan(rows_name, b)
             if rows is None:
@@ -167,22 +183,20 @@ class Snapshots:
             if bucket_keys is not None:
                 self._spill.replace(keys_name, b, unique_keys(bucket_keys).select(
                     KEY_COLUMNS).collect())
-        phones = None
-        if "phone" in kinds and label not in self.reused:  # the cache holds no numbers
-            normalized = self._spill.scan(_name("normalized", label))
-            phones = known_phones(normalized).collect() if normalized is not None else None
-        return ProfileIndex(self._spill, keys_name, attrs_name, buckets, phones)
 
     def _number(self, label: str, buckets: int, rows_name: str, attrs_name: str) -> None:
         """Profiles by profile bucket, sorted by profile_id and numbered (`pnum`, from 0):
         later passes name a profile by (bucket, number) and sort and join on those integers
         instead of profile_id strings; number order is profile_id order."""
-        for part in self._spill.parts(_name("normalized", label)):
-            normalized = pl.scan_ipc(part).drop(UNCACHED, strict=False)
-            self._spill.write(rows_name, normalized.with_columns(
-                _b=text_bucket(pl.col("profile_id"), buckets)).collect(), bucket="_b")
+        normalized = _name("normalized", label)
+        if buckets > 1:
+            for part in self._spill.parts(normalized):
+                self._spill.write(rows_name, pl.scan_ipc(part).drop(UNCACHED, strict=False)
+                                  .with_columns(_b=text_bucket(pl.col("profile_id"), buckets))
+                                  .collect(), bucket="_b")
         for b in range(buckets):
-            rows = self._spill.scan(rows_name, b)
+            rows = (self._spill.scan(rows_name, b) if buckets > 1 else
+                    _dropped(self._spill.scan(normalized), UNCACHED))
             if rows is None:
                 continue
             numbered = (rows.sort("profile_id").with_row_index("pnum")
@@ -382,6 +396,10 @@ class ProfileIndex:
         part = self.spill.scan(self.attrs_name, bucket)
         return part if part is not None else pl.LazyFrame(
             schema={**{c: pl.String for c in ATTRS}, "email_order": pl.UInt64})
+
+
+def _dropped(frame: pl.LazyFrame | None, columns: tuple[str, ...]) -> pl.LazyFrame | None:
+    return frame.drop(columns, strict=False) if frame is not None else None
 
 
 def _empty_keys() -> pl.LazyFrame:
