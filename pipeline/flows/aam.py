@@ -22,7 +22,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -505,22 +505,39 @@ def _fill(plan: Plan, profiles: ProfileIndex, audience_writers: dict[str, Audien
     tasks = [MergeTask(b, plan.delivery.full, bool(audience_writers), bool(contact_writers))
              for b in range(plan.buckets)]
     local, setup = _with_profiles(plan, profiles)
-    for task, merged in zip(tasks, plan.executor.map(merge_bucket, tasks, local, setup),
-                            strict=True):
-        if merged.get("members"):
-            mirrored.parts[task.bucket] = plan.work.get_file(_members_file(task.bucket))
-        mirrored.leavers += merged.get("leavers", 0)
-        mirrored.removed += merged.get("removed", 0)
-        if merged.get("audience"):
-            audience = _read(plan.work, MERGED["audience"], task.bucket)
-            attrs = profiles.attributes(task.bucket)
-            for writer in audience_writers.values():
-                writer.add(audience, attrs)
-        if merged.get("contacts"):
-            contacts = _read(plan.work, MERGED["contacts"], task.bucket)
-            for contact_writer in contact_writers.values():
-                contact_writer.add(contacts)
+    # Each writer on a thread of its own (polars releases the GIL): the writers of one
+    # bucket run side by side, and while the next bucket is merged; a writer still gets
+    # the buckets one at a time, in order (at most two buckets are held).
+    with ThreadPoolExecutor(len(audience_writers) + len(contact_writers) or 1,
+                            thread_name_prefix="writer") as pool:
+        pending: list[Future] = []
+        for task, merged in zip(tasks, plan.executor.map(merge_bucket, tasks, local, setup),
+                                strict=True):
+            if merged.get("members"):
+                mirrored.parts[task.bucket] = plan.work.get_file(_members_file(task.bucket))
+            mirrored.leavers += merged.get("leavers", 0)
+            mirrored.removed += merged.get("removed", 0)
+            _wait_all(pending)
+            if merged.get("audience"):
+                audience = _read(plan.work, MERGED["audience"], task.bucket)
+                attrs = profiles.attributes(task.bucket)
+                pending += [pool.submit(w.add, audience, attrs)
+                            for w in audience_writers.values()]
+            if merged.get("contacts"):
+                contacts = _read(plan.work, MERGED["contacts"], task.bucket)
+                pending += [pool.submit(w.add, contacts) for w in contact_writers.values()]
+        _wait_all(pending)
     return mirrored
+
+
+def _wait_all(futures: list[Future]) -> None:
+    """Wait for every one (none is left running), then raise the first failure."""
+    wait(futures)
+    try:
+        for future in futures:
+            future.result()
+    finally:
+        futures.clear()
 
 
 def merge_bucket(task: MergeTask, res: Resources) -> dict[str, int]:

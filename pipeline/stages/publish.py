@@ -14,7 +14,7 @@ import json
 import logging
 import tempfile
 from collections.abc import Iterator, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -329,8 +329,12 @@ def publish_outputs(targets: Mapping[str, Store], dests: list[DestinationConfig]
         for dest in dests:
             check_names(targets[dest.name], dest, key, ready[dest.name],
                         exact=dest.name not in sealing)
-        return {dest.name: write_outputs(targets[dest.name], dest, key, ready[dest.name])
-                for dest in dests}
+        # Each destination has a store (connection) of its own: written side by side.
+        with ThreadPoolExecutor(max(1, len(dests)), thread_name_prefix="publish") as pool:
+            written = {dest.name: pool.submit(write_outputs, targets[dest.name], dest, key,
+                                              ready[dest.name]) for dest in dests}
+            wait(written.values())
+            return {name: future.result() for name, future in written.items()}
 
 
 def _sealed(out: Output, seal: Encryptor, folder: Path) -> Output:
