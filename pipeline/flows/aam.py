@@ -583,11 +583,12 @@ def mirror_bucket(work: WorkArea, bucket: int, full: bool, part: Path, attrs: pl
     members = work.scan("members", bucket)
     if mentions is None and members is None:
         return None, 0, 0
-    audience = (join.merge_segments(mentions, PROFILE).collect() if mentions is not None
+    # in (profile_id, segment_id) order: sorted on integers, before any text column exists
+    audience = (join.merge_segments(mentions, PROFILE, publish.profile_order()).collect()
+                if mentions is not None
                 else pl.DataFrame(schema={PROFILE: pl.UInt32, **AUDIENCE}).drop("profile_id"))
     ids = attrs.get_column("profile_id")
-    audience = (audience.with_columns(profile_id=ids.gather(audience.get_column(PROFILE)))
-                .sort(publish.profile_order()))
+    audience = audience.with_columns(profile_id=ids.gather(audience.get_column(PROFILE)))
     if members is None:  # nothing to mirror against: the pairs added, already in order
         added = audience.filter(pl.col("action") == "add").select("profile_id", "segment_id")
         if added.height:

@@ -211,8 +211,10 @@ def reduce_mentions(rows: pl.LazyFrame, profile: str = "profile_id") -> pl.LazyF
     return rows.group_by(profile, "segment_id").agg(pl.col("order").max())
 
 
-def merge_segments(rows: pl.LazyFrame, profile: str = "profile_id") -> pl.LazyFrame:
+def merge_segments(rows: pl.LazyFrame, profile: str = "profile_id",
+                   order_by: pl.Expr | None = None) -> pl.LazyFrame:
     """Segment mentions -> (`profile`, segment_id, action, matched_on), one per pair.
+    `order_by`: sort the pairs on it first (cheaper before the text columns exist).
 
     A segment both added and removed for a profile: the later line (file_seq, line_no) wins;
     within one line the removal wins. Rows come out in no particular order: the writers sort.
@@ -220,8 +222,9 @@ def merge_segments(rows: pl.LazyFrame, profile: str = "profile_id") -> pl.LazyFr
     last = pl.col("order")
     removal = last // (1 << _MATCH_BITS) % 2
     matched = (last % (1 << _MATCH_BITS)).cast(pl.UInt32)
+    merged = rows.group_by(profile, "segment_id").agg(last.max())
     return (
-        rows.group_by(profile, "segment_id").agg(last.max())
+        (merged if order_by is None else merged.sort(order_by))
         .select(
             profile, pl.col("segment_id").cast(pl.UInt32),
             action=pl.when(removal == 1).then(pl.lit("remove")).otherwise(pl.lit("add")),
