@@ -491,12 +491,16 @@ def hex_order(digests: pl.Series) -> pl.Series:
     only the strings order them; about one chance in 10^7 at 10^6 digests)."""
     high, low = (pl.col("d").str.slice(start, 8).str.to_integer(base=16).cast(pl.UInt64)
                  for start in (0, 8))
-    frame = digests.to_frame("d").select("d", prefix=high * (1 << 32) + low)
-    shared = frame.filter(pl.col("prefix").is_duplicated())  # few: only these need strings
-    clash = shared.select(pl.col("prefix").n_unique() != pl.col("d").n_unique()).item()
-    if clash:
-        return pl.repeat(None, len(digests), dtype=pl.UInt32, eager=True).alias("order")
-    return frame.get_column("prefix").rank("dense").cast(pl.UInt32).alias("order")
+    prefix = digests.to_frame("d").select(high * (1 << 32) + low).to_series()
+    by_prefix = prefix.arg_sort()
+    ordered = prefix.gather(by_prefix)
+    repeated = (ordered == ordered.shift(1)).fill_null(False)  # equal to the one before
+    if repeated.any():  # shared prefixes (e.g. one email twice): must be shared digests
+        rows, before = by_prefix.filter(repeated), by_prefix.shift(1).filter(repeated)
+        if (digests.gather(rows) != digests.gather(before)).fill_null(True).any():
+            return pl.repeat(None, len(digests), dtype=pl.UInt32, eager=True).alias("order")
+    ranks = (~repeated).cum_sum().cast(pl.UInt32)
+    return pl.zeros(len(digests), pl.UInt32, eager=True).scatter(by_prefix, ranks).alias("order")
 
 
 def inbound_pieces(rows: pl.DataFrame) -> pl.DataFrame:

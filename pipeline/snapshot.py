@@ -152,13 +152,16 @@ class Snapshots:
         keys_name = _name("keys", label, kinds, buckets, _tag(match_column))
         attrs_name = _name("attrs", label, buckets)  # the same for every kind
         rows_name = _name("numbered", label, buckets)
+        numbered = None
         if attrs_name not in self._attrs:
-            self._number(label, buckets, rows_name, attrs_name)
+            numbered = self._number(label, buckets, rows_name, attrs_name)
             self._attrs.add(attrs_name)
-        if buckets == 1:  # one bucket of each: no shuffle between them
-            rows = self._spill.scan(rows_name)
-            if rows is not None:
-                keys = profile_keys(rows, kinds, match_column, carry=NUMBER)
+        if buckets == 1:  # one bucket of each: no shuffle between them, no numbered spill
+            if numbered is None:
+                rows = self._normalized_rows(label)
+                numbered = _numbered(rows, 0) if rows is not None else None
+            if numbered is not None:
+                keys = profile_keys(numbered.lazy(), kinds, match_column, carry=NUMBER)
                 self._spill.replace(keys_name, 0, keys.select(KEY_COLUMNS).collect())
         else:
             self._shuffle_keys(rows_name, keys_name, kinds, buckets, match_column)
@@ -184,27 +187,33 @@ class Snapshots:
                 self._spill.replace(keys_name, b, unique_keys(bucket_keys).select(
                     KEY_COLUMNS).collect())
 
-    def _number(self, label: str, buckets: int, rows_name: str, attrs_name: str) -> None:
+    def _number(self, label: str, buckets: int, rows_name: str, attrs_name: str
+                ) -> pl.DataFrame | None:
         """Profiles by profile bucket, sorted by profile_id and numbered (`pnum`, from 0):
         later passes name a profile by (bucket, number) and sort and join on those integers
-        instead of profile_id strings; number order is profile_id order."""
-        normalized = _name("normalized", label)
+        instead of profile_id strings; number order is profile_id order. Writes each
+        bucket's attributes; with several buckets also its numbered rows (the keys' source),
+        with one returns them (rebuilt from the normalized table when needed again)."""
         if buckets > 1:
-            for part in self._spill.parts(normalized):
+            for part in self._spill.parts(_name("normalized", label)):
                 self._spill.write(rows_name, pl.scan_ipc(part).drop(UNCACHED, strict=False)
                                   .with_columns(_b=text_bucket(pl.col("profile_id"), buckets))
                                   .collect(), bucket="_b")
+        numbered = None
         for b in range(buckets):
-            rows = (self._spill.scan(rows_name, b) if buckets > 1 else
-                    _dropped(self._spill.scan(normalized), UNCACHED))
+            rows = self._spill.scan(rows_name, b) if buckets > 1 else self._normalized_rows(label)
             if rows is None:
                 continue
-            numbered = (rows.sort("profile_id").with_row_index("pnum")
-                        .with_columns(pl.col("pnum").cast(pl.UInt32), pb=pl.lit(b, pl.UInt32))
-                        .collect())
-            self._spill.replace(rows_name, b, numbered)
+            numbered = _numbered(rows, b)
+            if buckets > 1:
+                self._spill.replace(rows_name, b, numbered)
             self._spill.replace(attrs_name, b, numbered.select(ATTRS).with_columns(
                 email_order=hex_order(numbered.get_column("email_key"))))
+        return numbered if buckets == 1 else None
+
+    def _normalized_rows(self, label: str) -> pl.LazyFrame | None:
+        rows = self._spill.scan(_name("normalized", label))
+        return rows.drop(UNCACHED, strict=False) if rows is not None else None
 
     def _fetch(self, path: str) -> str:
         if isinstance(self._store, LocalStore):  # read in place (an SFTP root is remote)
@@ -398,8 +407,10 @@ class ProfileIndex:
             schema={**{c: pl.String for c in ATTRS}, "email_order": pl.UInt64})
 
 
-def _dropped(frame: pl.LazyFrame | None, columns: tuple[str, ...]) -> pl.LazyFrame | None:
-    return frame.drop(columns, strict=False) if frame is not None else None
+def _numbered(rows: pl.LazyFrame, bucket: int) -> pl.DataFrame:
+    return (rows.sort("profile_id").with_row_index("pnum")
+            .with_columns(pl.col("pnum").cast(pl.UInt32), pb=pl.lit(bucket, pl.UInt32))
+            .collect())
 
 
 def _empty_keys() -> pl.LazyFrame:
