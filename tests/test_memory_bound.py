@@ -155,6 +155,32 @@ def test_long_lines_are_cut_and_numbered(gz, tmp_path):
                       "line_too_long", None, "line_too_long", "line_too_long", None]
 
 
+@pytest.mark.parametrize("inflate_in", [1, 7, 4096, 64 << 10])
+def test_multi_member_gzip_read_whole_across_inflate_slices(tmp_path, monkeypatch, inflate_in):
+    """gzip members (as `cat a.gz b.gz` makes them) end anywhere in the slices the reader
+    inflates at a time: every line comes out once, in order; a bomb-like member still comes
+    out in bounded pieces."""
+    monkeypatch.setattr(ingest, "_INFLATE_IN", inflate_in)
+    lines = [f"u{i}@x.com {i % 7 + 1}" for i in range(3000)]
+    text = ("\n".join(lines) + "\n").encode()
+    cuts = [0, 1, 50, 1000, 2999, 3000]
+    members = [("\n".join(lines[a:b]) + "\n").encode()
+               for a, b in zip(cuts, cuts[1:], strict=False)]
+    bomb = b"z" * (3 << 20)  # 3 MB of one byte: a few kB gzip'd
+    data = b"".join(gzip.compress(m, mtime=0) for m in [*members, bomb + b"\n"])
+    name = parse_outbound_name(f"{HOT}.sync.gz")
+    assert name is not None
+    store = LocalStore(str(tmp_path))
+    store.write_bytes(name.path, data)
+    file = ingest.DeliveryFile(name, len(data))
+    with store.open_read(name.path) as stream:
+        pieces = list(ingest._content(stream.read, file, "f", None, 1 << 16))
+    assert b"".join(pieces) == text + bomb + b"\n"
+    assert max(map(len, pieces)) <= 1 << 16
+    frame = pl.concat(ingest._file_chunks(store, file, 1, 1 << 20))
+    assert frame["line"].to_list()[:-1] == lines
+
+
 REPEATS = [
     # file 1: alice's segment 1 added then removed by a later line, 2 removed and re-added,
     # 3 added and removed in one line (the removal wins); bob mostly repeats one line, then
