@@ -94,8 +94,9 @@ def config_text(out: Path, feed: Path, data: dict) -> str:
 
 
 def child(config: Path) -> int:
-    """One run with the membership probes; prints the per-probe seconds as JSON."""
-    bp.PROBES = PROBES
+    """One run with the membership probes (and bench_pipeline's stage probes, so a peak RSS
+    can be placed in its stage); prints the per-probe seconds and peaks as JSON."""
+    bp.PROBES = (*bp.PROBES, *PROBES)
     stats, total = bp.profile_stages(config, dict(os.environ))
     json.dump({"wall_s": total, "stages": {k: v.seconds for k, v in stats.items()},
                "stage_peak_rss_mb": {k: v.peak_rss_mb for k, v in stats.items()}}, sys.stdout)

@@ -233,22 +233,38 @@ def mirror(audience: pl.DataFrame, members: pl.DataFrame, full: bool) -> Mirrore
     `iter`: added pairs enter, removed pairs leave, the rest stays. `full`: the membership
     becomes the added pairs; old pairs the delivery does not mention at all are leavers
     (a pair it explicitly removes is already a `remove` row of the audience).
+
+    One sort of the old pairs and the mentioned ones together, instead of anti-joins on
+    (string, integer) pairs and a sort of the result: both sides hold each pair at most once,
+    so an old pair's mention (if any) is the row right after it, and every output comes out
+    of the sorted rows by a filter, already in order (measured ~2x faster per bucket:
+    benchmarks/README.md, "Full deliveries: membership cost").
     """
     pairs = ["profile_id", "segment_id"]
-    members = members.select(pl.col("profile_id").cast(pl.String),
-                             pl.col("segment_id").cast(pl.UInt32))
-    mentioned = audience.select(pl.col("profile_id").cast(pl.String),
-                                pl.col("segment_id").cast(pl.UInt32))
-    added = mentioned.filter(audience["action"] == "add")
-    kept = members.join(mentioned, on=pairs, how="anti")
-    new = (added if full else pl.concat([kept, added])).sort(pairs)
-    leavers = kept if full else kept.clear()
+    src = pl.col("src")  # 0 old pair, 1 added, 2 removed by the delivery
+    rows = pl.concat([
+        members.lazy().select(*_pair_columns(), src=pl.lit(0, pl.UInt8)),
+        audience.lazy().select(*_pair_columns(), src=pl.when(pl.col("action") == "add")
+                               .then(pl.lit(1, pl.UInt8)).otherwise(pl.lit(2, pl.UInt8))),
+    ]).sort(*pairs, "src")
+    same = pl.all_horizontal(pl.col(c) == pl.col(c).shift(-1) for c in pairs)
+    # For an old pair: what the delivery says about it (0: nothing).
+    mention = pl.when(same).then(src.shift(-1)).otherwise(pl.lit(0, pl.UInt8))
+    rows = rows.with_columns(mention=mention).collect()
+    old, mention = src == 0, pl.col("mention")
+    stays = (src == 1) if full else (src == 1) | (old & (mention == 0))
+    leaves = old & (mention != 1) if full else old & (mention == 2)
+    leavers = rows.filter(old & (mention == 0)) if full else rows.clear()
     return Mirrored(
-        members=new,
-        leavers=leavers.sort(pairs).select(*pairs, action=pl.lit("remove"),
-                                           matched_on=pl.lit(None, pl.String)),
-        removed=members.join(new, on=pairs, how="anti").height,
+        members=rows.filter(stays).select(pairs),
+        leavers=leavers.select(*pairs, action=pl.lit("remove"),
+                               matched_on=pl.lit(None, pl.String)),
+        removed=int(rows.select(leaves.sum()).item()),
     )
+
+
+def _pair_columns() -> list[pl.Expr]:
+    return [pl.col("profile_id").cast(pl.String), pl.col("segment_id").cast(pl.UInt32)]
 
 
 def write_members(members: pl.DataFrame, path: Path, presorted: bool = False) -> None:

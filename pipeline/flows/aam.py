@@ -597,7 +597,7 @@ def mirror_bucket(work: WorkArea, bucket: int, full: bool, part: Path, attrs: pl
     result = mirror(audience, members.collect() if members is not None else empty_members(),
                     full)
     if result.members.height:
-        write_members(result.members, part)
+        write_members(result.members, part, presorted=True)
     if result.leavers.height:  # only `full` has leavers: `iter` rows stay as they were
         numbers = ids.to_frame().with_row_index(PROFILE).with_columns(
             pl.col(PROFILE).cast(pl.UInt32))
