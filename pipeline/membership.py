@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import polars as pl
+import polars_hash as plh
 
 from pipeline.errors import FatalError
 from pipeline.spill import WorkArea, text_bucket
@@ -218,13 +219,21 @@ class FeedHead:
 class Mirrored:
     """One profile bucket after a delivery."""
 
-    members: pl.DataFrame  # (profile_id, segment_id) after the delivery, sorted
+    members: pl.DataFrame  # (profile_id, segment_id) after the delivery, in `in_order` order
     leavers: pl.DataFrame  # audience-shaped `remove` rows, `matched_on` null (full only)
     removed: int = 0  # pairs of the old membership absent from the new one
 
 
 def empty_members() -> pl.DataFrame:
     return pl.DataFrame(schema=MEMBERS)
+
+
+def pair_hash(profile_id: pl.Expr, segment_id: pl.Expr) -> pl.Expr:
+    """A fixed 64-bit hash of a (profile, segment) pair: xxh3 of the ID plus the segment
+    (wrapping). Equal pairs hash equal; distinct pairs may too, very rarely, and the callers
+    notice it."""
+    digest = plh.NonCryptographicHashingNameSpace(profile_id).xxh3_64()
+    return digest + segment_id.cast(pl.UInt64)
 
 
 def mirror(audience: pl.DataFrame, members: pl.DataFrame, full: bool) -> Mirrored:
@@ -234,46 +243,73 @@ def mirror(audience: pl.DataFrame, members: pl.DataFrame, full: bool) -> Mirrore
     becomes the added pairs; old pairs the delivery does not mention at all are leavers
     (a pair it explicitly removes is already a `remove` row of the audience).
 
-    One sort of the old pairs and the mentioned ones together, instead of anti-joins on
-    (string, integer) pairs and a sort of the result: both sides hold each pair at most once,
-    so an old pair's mention (if any) is the row right after it, and every output comes out
-    of the sorted rows by a filter, already in order (measured ~2x faster per bucket:
-    benchmarks/README.md, "Full deliveries: membership cost").
+    One stable sort of the old pairs then the mentioned ones by `pair_hash`, instead of
+    anti-joins and sorts on (string, integer) pairs: each side holds a pair at most once, so
+    an old pair's mention (if any) is the row right after it, and every output is a filter of
+    the sorted rows, already in order (~3x faster per bucket than sorting the pairs:
+    benchmarks/README.md, "Full deliveries: membership cost"). Should two distinct pairs
+    share a hash, the rows are sorted by the pairs themselves instead.
     """
     pairs = ["profile_id", "segment_id"]
     src = pl.col("src")  # 0 old pair, 1 added, 2 removed by the delivery
-    rows = pl.concat([
-        members.lazy().select(*_pair_columns(), src=pl.lit(0, pl.UInt8)),
-        audience.lazy().select(*_pair_columns(), src=pl.when(pl.col("action") == "add")
-                               .then(pl.lit(1, pl.UInt8)).otherwise(pl.lit(2, pl.UInt8))),
-    ]).sort(*pairs, "src")
-    same = pl.all_horizontal(pl.col(c) == pl.col(c).shift(-1) for c in pairs)
+    old_rows = _hashed(members.lazy().select(*_pair_columns(), src=pl.lit(0, pl.UInt8)))
+    mentioned = _hashed(audience.lazy().select(
+        *_pair_columns(),
+        src=pl.when(pl.col("action") == "add").then(pl.lit(1, pl.UInt8))
+        .otherwise(pl.lit(2, pl.UInt8))))
+    # Two sorted runs: the stable sort merges them, old rows first.
+    rows = pl.concat([old_rows, mentioned]).sort("_h", maintain_order=True)
+    h = pl.col("_h")
+    twin = h == h.shift(-1)
+    same_pair = pl.all_horizontal(pl.col(c) == pl.col(c).shift(-1) for c in pairs)
+    by_hash = not rows.filter(twin | twin.shift(1)).select(twin & ~same_pair).to_series().any()
+    if not by_hash:
+        rows = rows.sort(*pairs, "src")
     # For an old pair: what the delivery says about it (0: nothing).
-    mention = pl.when(same).then(src.shift(-1)).otherwise(pl.lit(0, pl.UInt8))
-    rows = rows.with_columns(mention=mention).collect()
+    rows = rows.with_columns(mention=pl.when(twin if by_hash else same_pair)
+                             .then(src.shift(-1)).otherwise(pl.lit(0, pl.UInt8)))
     old, mention = src == 0, pl.col("mention")
     stays = (src == 1) if full else (src == 1) | (old & (mention == 0))
     leaves = old & (mention != 1) if full else old & (mention == 2)
+    new = rows.filter(stays).select(*pairs, "_h")
     leavers = rows.filter(old & (mention == 0)) if full else rows.clear()
     return Mirrored(
-        members=rows.filter(stays).select(pairs),
+        members=(new if by_hash else _in_order(new)).select(pairs),
         leavers=leavers.select(*pairs, action=pl.lit("remove"),
                                matched_on=pl.lit(None, pl.String)),
         removed=int(rows.select(leaves.sum()).item()),
     )
 
 
+def _hashed(rows: pl.LazyFrame) -> pl.DataFrame:
+    """Rows with their `pair_hash` as `_h`, sorted by it (old pairs mostly already are)."""
+    frame = rows.with_columns(_h=pair_hash(pl.col("profile_id"), pl.col("segment_id"))).collect()
+    return frame if frame.get_column("_h").is_sorted() else frame.sort("_h", maintain_order=True)
+
+
 def _pair_columns() -> list[pl.Expr]:
     return [pl.col("profile_id").cast(pl.String), pl.col("segment_id").cast(pl.UInt32)]
 
 
-def write_members(members: pl.DataFrame, path: Path, presorted: bool = False) -> None:
-    """One bucket of a version as Parquet: sorted (unless `presorted` says it is already),
-    so equal memberships give equal bytes."""
+def _in_order(members: pl.DataFrame) -> pl.DataFrame:
+    """A membership's pairs (with `_h`) in their one order: by `pair_hash`, or by the pairs
+    themselves when two of them share a hash. So equal memberships give equal parts, however
+    they were computed."""
+    if members.get_column("_h").is_duplicated().any():
+        return members.sort("profile_id", "segment_id")
+    return members.sort("_h")
+
+
+def write_members(members: pl.DataFrame, path: Path, ordered: bool = False) -> None:
+    """One bucket of a version as Parquet, its pairs in `_in_order` order (`ordered`: they
+    already are, as `mirror` returns them), so equal memberships give equal bytes."""
     path.parent.mkdir(parents=True, exist_ok=True)
     members = members.select(list(MEMBERS))
-    (members if presorted else members.sort(list(MEMBERS))).write_parquet(
-        path, compression="zstd")
+    if not ordered:
+        members = _in_order(members.with_columns(
+            _h=pair_hash(pl.col("profile_id"), pl.col("segment_id")))).drop("_h")
+    # zstd level 1: as small as the default level on these parts (hash order), faster
+    members.write_parquet(path, compression="zstd", compression_level=1)
 
 
 class FeedMembership:

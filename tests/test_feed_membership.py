@@ -34,6 +34,7 @@ def audience(*rows: tuple[str, int, str]) -> pl.DataFrame:
                 "matched_on": pl.String})
 
 
+PAIR = ["profile_id", "segment_id"]
 OLD = members(("P1", 111), ("P1", 112), ("P2", 111), ("P3", 113))
 TODAY = audience(("P1", 111, "add"), ("P2", 111, "remove"), ("P4", 112, "add"))
 
@@ -47,8 +48,8 @@ TODAY = audience(("P1", 111, "add"), ("P2", 111, "remove"), ("P4", 112, "add"))
 ])
 def test_mirror(full, after, leavers, removed):
     result = mirror(TODAY, OLD, full)
-    assert_frame_equal(result.members, members(*after))
-    assert result.leavers.to_dicts() == [
+    assert_frame_equal(result.members.sort(PAIR), members(*after))
+    assert result.leavers.sort(PAIR).to_dicts() == [
         {"profile_id": p, "segment_id": s, "action": "remove", "matched_on": None}
         for p, s in leavers]
     assert result.removed == removed
@@ -61,8 +62,53 @@ def test_mirror_from_empty_and_to_empty():
     assert gone.members.is_empty() and gone.removed == OLD.height
     assert gone.leavers.height == OLD.height
     same = mirror(audience(), OLD, full=False)
-    assert_frame_equal(same.members, OLD.sort("profile_id", "segment_id"))
+    assert_frame_equal(same.members.sort(PAIR), OLD.sort(PAIR))
     assert same.leavers.is_empty() and same.removed == 0
+
+
+def _random_bucket(seed: int) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(audience, old members) of one bucket: overlapping pairs, adds and removes."""
+    def pairs(n: int, s: int) -> pl.DataFrame:
+        return pl.DataFrame({"p": [f"P{i}" for i in range(n)]}).select(
+            profile_id=pl.col("p").sample(n, with_replacement=True, seed=s),
+            segment_id=pl.int_range(n).shuffle(seed=s + 1).mod(4).cast(pl.UInt32),
+        ).unique(maintain_order=True)
+    old = pairs(400, seed)
+    today = pairs(300, seed + 7).with_columns(
+        action=pl.when(pl.int_range(pl.len()) % 3 == 0).then(pl.lit("remove"))
+        .otherwise(pl.lit("add")), matched_on=pl.lit("email"))
+    return today, old
+
+
+@pytest.mark.parametrize("full", [False, True])
+def test_mirror_order_depends_only_on_the_resulting_membership(full, tmp_path):
+    """Parts are compared byte for byte (crash and backfill tests): the same pairs in any
+    input order give the same frame and the same file."""
+    today, old = _random_bucket(1)
+    first = mirror(today, old, full)
+    again = mirror(today.sample(fraction=1.0, shuffle=True, seed=2),
+                   old.sample(fraction=1.0, shuffle=True, seed=3), full)
+    assert_frame_equal(first.members, again.members)
+    assert first.removed == again.removed and first.leavers.height == again.leavers.height
+    write_members(first.members, tmp_path / "a.parquet", ordered=True)
+    write_members(first.members.sort(PAIR, descending=True), tmp_path / "b.parquet")
+    assert (tmp_path / "a.parquet").read_bytes() == (tmp_path / "b.parquet").read_bytes()
+
+
+@pytest.mark.parametrize("full", [False, True])
+def test_mirror_exact_when_distinct_pairs_share_a_hash(full, monkeypatch):
+    """A weak hash (the segment alone) makes most pairs collide: results stay exact and
+    ordered by the pairs, whatever the input order."""
+    today, old = _random_bucket(4)
+    strong = mirror(today, old, full)
+    monkeypatch.setattr("pipeline.membership.pair_hash",
+                        lambda profile_id, segment_id: segment_id.cast(pl.UInt64))
+    weak = mirror(today, old, full)
+    assert_frame_equal(weak.members, strong.members.sort(PAIR))
+    assert_frame_equal(weak.leavers.sort(PAIR), strong.leavers.sort(PAIR))
+    assert weak.removed == strong.removed
+    shuffled = mirror(today.sample(fraction=1.0, shuffle=True, seed=5), old, full)
+    assert_frame_equal(shuffled.members, weak.members)
 
 
 def _save(fm: FeedMembership, tmp_path, delivery: str, ts: int, frame: pl.DataFrame,

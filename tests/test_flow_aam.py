@@ -52,11 +52,13 @@ def test_buckets_and_chunks_do_not_change_records(tmp_path, capsys, monkeypatch)
                               for q in quarantine)
 
 
-@pytest.mark.parametrize("lines,profiles,expected", [(10, 10, 1), (2_000_001, 10, 3),
-                                                     (10, 2_500_000, 3)])
-def test_bucket_count(lines, profiles, expected):
+@pytest.mark.parametrize("lines,profiles,pairs,expected", [
+    (10, 10, 0, 1), (2_000_001, 10, 0, 3), (10, 2_500_000, 0, 3),
+    (10, 10, 21_250_000, 22),  # the membership the delivery applies to (SPEC §11)
+])
+def test_bucket_count(lines, profiles, pairs, expected):
     from pipeline.formats import InfoFile
     info = InfoFile(files=(), total_byte_size=0, total_line_count=lines, total_file_count=0,
                     file_name="x")
     d = ingest.Delivery("f", "r", "", (), info)
-    assert delivery.bucket_count(d, profiles) == expected
+    assert delivery.bucket_count(d, profiles, pairs) == expected

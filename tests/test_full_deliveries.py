@@ -167,6 +167,22 @@ def test_full_iter_full_golden_outputs_and_leavers(tmp_path, request, capsys):
     assert members.rows() == pairs(AFTER_DAY3)
 
 
+def test_buckets_sized_by_the_membership_same_results(tmp_path, request, capsys, monkeypatch):
+    """A delivery's buckets count the pairs of the membership it applies to: day 2 applies to
+    13 pairs, day 3 to 14 (4 per bucket here), so their versions have 4 buckets, day 1's one;
+    leavers and membership are those of the one-bucket run."""
+    monkeypatch.setattr("pipeline.flows.aam.PAIRS_PER_BUCKET", 4)
+    setup = Setup(tmp_path, request)
+    reports = three_days(setup, capsys)
+    assert [r["leavers"] for r in reports] == [0, 0, DAY3_LEAVERS]
+    store = open_store(setup.state)
+    assert [v.buckets for v in FeedMembership(store, "emails").head().versions] == [1, 4, 4]
+    store.close()
+    versions, members = setup.membership()
+    assert versions == [(ROOTS[1], 13), (ROOTS[2], 14), (ROOTS[3], 10)]
+    assert members.rows() == pairs(AFTER_DAY3)
+
+
 def test_golden_day3_says_what_the_spec_says():
     """The golden files checked by hand: leavers as removals, `matched_on` empty, the opted
     out profile only in removal rows, a profile missing from the snapshot only in the list."""

@@ -62,6 +62,9 @@ from pipeline.stores import Store, StoreOptions, open_store
 log = logging.getLogger(__name__)
 LINES_PER_BUCKET = 1_000_000  # resolved rows held in memory at once
 PROFILES_PER_BUCKET = 1_000_000
+# Membership pairs a profile bucket holds before the delivery (SPEC §11): a bucket sorts its
+# old pairs with the delivery's, and a `full` delivery's leavers join its output rows.
+PAIRS_PER_BUCKET = 1_000_000
 MEMORY_ROWS = 3_000_000  # spilled rows (resolved, rejects, mentions) a one-bucket delivery
 # keeps in memory instead of files
 # Rows handled at once in passes 2 and 3. A bucket holds ~LINES_PER_BUCKET rows whatever the
@@ -189,13 +192,15 @@ class AamFlow:
         process_delivery(self.ctx, self.feed, self.source, delivery, rep)
 
 
-def bucket_count(delivery: Delivery, profiles: int) -> int:
-    """Buckets from the delivery's size and the snapshot's: deterministic for one input."""
+def bucket_count(delivery: Delivery, profiles: int, pairs: int = 0) -> int:
+    """Buckets from the delivery's size, the snapshot's and the membership's it applies to
+    (`pairs`): deterministic for one input and one state before it."""
     if delivery.info and delivery.info.total_line_count is not None:
         lines = delivery.info.total_line_count
     else:
         lines = sum(f.size for f in delivery.files) // 20  # gzip'd lines are ~20 bytes+
-    return max(1, math.ceil(lines / LINES_PER_BUCKET), math.ceil(profiles / PROFILES_PER_BUCKET))
+    return max(1, math.ceil(lines / LINES_PER_BUCKET), math.ceil(profiles / PROFILES_PER_BUCKET),
+               math.ceil(pairs / PAIRS_PER_BUCKET))
 
 
 def process_delivery(ctx: Context, feed: FeedConfig, source: Store, delivery: Delivery,
@@ -210,13 +215,14 @@ def process_delivery(ctx: Context, feed: FeedConfig, source: Store, delivery: De
         log.warning("feed=%s delivery=%s status=skipped reason=%s", feed.name, delivery.root,
                     late)
         return
-    plan = _plan(ctx, feed, source, delivery)
+    # a re-run of the newest (after a crash) starts from its predecessor
+    base = head.before(order)
+    plan = _plan(ctx, feed, source, delivery, base.pairs if base else 0)
     tasks = ctx.executor.tasks
     plan.work.clear()
     plan.scratch.mkdir(parents=True, exist_ok=True)
     try:
-        # a re-run of the newest (after a crash) starts from its predecessor
-        _process(ctx, plan, rep, membership, head.before(order), order)
+        _process(ctx, plan, rep, membership, base, order)
     finally:
         rep.tasks += ctx.executor.tasks - tasks
         plan.work.clear()
@@ -224,8 +230,9 @@ def process_delivery(ctx: Context, feed: FeedConfig, source: Store, delivery: De
         shutil.rmtree(plan.scratch, ignore_errors=True)
 
 
-def _plan(ctx: Context, feed: FeedConfig, source: Store, delivery: Delivery) -> Plan:
-    buckets = bucket_count(delivery, ctx.snapshots.size(delivery.date))
+def _plan(ctx: Context, feed: FeedConfig, source: Store, delivery: Delivery, pairs: int
+          ) -> Plan:
+    buckets = bucket_count(delivery, ctx.snapshots.size(delivery.date), pairs)
     contacts = any(d.kind == "no_profile_contacts" for d in ctx.config.destinations)
     # One bucket: spills stay in memory (up to a bound: the control file may understate),
     # where the tasks run in this process.
@@ -597,7 +604,7 @@ def mirror_bucket(work: WorkArea, bucket: int, full: bool, part: Path, attrs: pl
     result = mirror(audience, members.collect() if members is not None else empty_members(),
                     full)
     if result.members.height:
-        write_members(result.members, part, presorted=True)
+        write_members(result.members, part, ordered=True)
     if result.leavers.height:  # only `full` has leavers: `iter` rows stay as they were
         numbers = ids.to_frame().with_row_index(PROFILE).with_columns(
             pl.col(PROFILE).cast(pl.UInt32))
