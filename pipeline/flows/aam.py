@@ -596,10 +596,10 @@ def mirror_bucket(work: WorkArea, bucket: int, full: bool, part: Path, attrs: pl
                 else pl.DataFrame(schema={PROFILE: pl.UInt32, **AUDIENCE}).drop("profile_id"))
     ids = attrs.get_column("profile_id")
     audience = audience.with_columns(profile_id=ids.gather(audience.get_column(PROFILE)))
-    if members is None:  # nothing to mirror against: the pairs added, already in order
+    if members is None:  # nothing to mirror against: the pairs added (no mirror sort)
         added = audience.filter(pl.col("action") == "add").select("profile_id", "segment_id")
         if added.height:
-            write_members(added, part, presorted=True)
+            write_members(added, part)
         return audience, 0, 0
     result = mirror(audience, members.collect() if members is not None else empty_members(),
                     full)
