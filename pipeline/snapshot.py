@@ -32,7 +32,7 @@ from pipeline.stages.join import (
 )
 from pipeline.stores import Store, open_store
 from pipeline.stores.local import LocalStore
-from pipeline.tables import check_columns, check_rows, check_type, load_schema
+from pipeline.tables import check_columns, check_rows, check_type, load_schema, rows_error
 
 log = logging.getLogger(__name__)
 _PARTITION = re.compile(r"(?:^|/)date=(\d{4}-\d{2}-\d{2})(?:/|$)")
@@ -113,7 +113,8 @@ class Snapshots:
                 self.reused.add(label)
                 log.info("snapshot=%s profiles=%d index=reused", label or "single", cached)
                 return cached
-        scan = _checked_scan(local, self.location.url, self.names)
+        # profile_id's uniqueness is checked bucket by bucket, in `_number`
+        scan = _checked_scan(local, self.location.url, self.names, unique=False)
         total: int = scan.select(pl.len()).collect().item()
         kinds = self.kinds
         for offset in range(0, max(total, 1), SLICE_ROWS):
@@ -200,15 +201,21 @@ class Snapshots:
                                   .with_columns(_b=text_bucket(pl.col("profile_id"), buckets))
                                   .collect(), bucket="_b")
         numbered = None
+        repeats = 0  # profile IDs seen twice: all copies of one ID share its bucket
         for b in range(buckets):
             rows = self._spill.scan(rows_name, b) if buckets > 1 else self._normalized_rows(label)
             if rows is None:
                 continue
             numbered = _numbered(rows, b)
+            ids = numbered.get_column("profile_id")
+            repeats += int((ids == ids.shift(1)).sum())  # sorted: copies are neighbours
             if buckets > 1:
                 self._spill.replace(rows_name, b, numbered)
             self._spill.replace(attrs_name, b, numbered.select(ATTRS).with_columns(
                 email_order=hex_order(numbered.get_column("email_key"))))
+        if repeats:
+            raise rows_error("profiles", "profile_id", repeats, "duplicates",
+                             f"profile snapshot {self.location.url}", self.names.columns)
         return numbered if buckets == 1 else None
 
     def _normalized_rows(self, label: str) -> pl.LazyFrame | None:
@@ -446,7 +453,10 @@ class SnapshotNames:
     matches: dict[str, str]  # snapshot column a crm feed reconciles on -> its config key
 
 
-def _checked_scan(paths: list[str], url: str, names: SnapshotNames) -> pl.LazyFrame:
+def _checked_scan(paths: list[str], url: str, names: SnapshotNames,
+                  unique: bool = True) -> pl.LazyFrame:
+    """The snapshot's needed columns, checked; `unique=False`: profile_id's uniqueness is
+    left to the caller."""
     where = f"profile snapshot {url}"
     scan = _renamed(_scan(paths, url), where, names)
     shown = names.columns
@@ -456,7 +466,7 @@ def _checked_scan(paths: list[str], url: str, names: SnapshotNames) -> pl.LazyFr
     for match, key in names.matches.items():
         check_type(schema[MATCH_PREFIX + match], crm_types, where, f"{match!r} ({key})")
     scan = scan.select(*present, *(MATCH_PREFIX + m for m in names.matches))
-    check_rows(scan, "profiles", where, shown)
+    check_rows(scan, "profiles", where, shown, unique=unique)
     return scan
 
 
