@@ -137,14 +137,24 @@ def outputs(out: Path, root: str) -> dict[str, bytes]:
 
 
 def off_run(cmd: list[str], twin: Path, env: dict[str, str], rss_limit_mb: int,
-            on: dict) -> dict:
+            on: dict, root: str) -> dict:
     """The twin run with the membership off, and what the membership added (run time and
     CPU of the child, relative to the run without it)."""
     m = bp.measure("pipeline", cmd, twin, env, rss_limit_mb)
     run_s = m.report.get("wall_s", float("nan"))
-    return {"exit": m.exit_code, "wall_s": m.wall_s, "run_s": run_s, "cpu_s": m.cpu_s,
-            "peak_rss_mb": m.peak_rss_mb, "added_run": on["run_s"] / run_s - 1,
-            "added_cpu": on["cpu_s"] / m.cpu_s - 1}
+    return {"exit": m.exit_code or processed(twin, root), "wall_s": m.wall_s,
+            "run_s": run_s, "cpu_s": m.cpu_s, "peak_rss_mb": m.peak_rss_mb,
+            "added_run": on["run_s"] / run_s - 1, "added_cpu": on["cpu_s"] / m.cpu_s - 1}
+
+
+def processed(out: Path, root: str) -> int:
+    """0 when the newest run report under `out` says the delivery was processed, else 1 (a
+    failed delivery, e.g. a full disk, still ends the child with exit code 0)."""
+    reports = sorted((out / "state" / "runs").glob("*.json"))
+    if not reports:
+        return 1
+    runs = json.loads(reports[-1].read_text())["deliveries"]
+    return 0 if any(d["delivery"] == root and d["status"] == "processed" for d in runs) else 1
 
 
 def membership_seconds(stages: dict[str, float]) -> float:
@@ -194,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.copytree(run_dir / "out" / "state", twin / "state")
             (twin / "config.toml").write_text(config_text(twin, feed, data))
         m = bp.measure("pipeline", cmd, step_dir, env, args.rss_limit_mb)
+        m.exit_code = m.exit_code or processed(run_dir / "out", root)
         stages = m.report.get("stages", {})
         member = membership_seconds(stages)
         inner = m.report.get("wall_s", float("nan"))
@@ -206,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
                   "stages": stages, "stage_peak_rss_mb": m.report.get("stage_peak_rss_mb")}
         if twin.exists():
             result["off"] = off_run(cmd[:-1] + [str(twin / "config.toml"), "--off"], twin,
-                                    env, args.rss_limit_mb, result)
+                                    env, args.rss_limit_mb, result, root)
             if kind == "iter":
                 same = outputs(run_dir / "out", root) == outputs(twin, root)
                 result["off"]["same_outputs"] = same
