@@ -93,7 +93,9 @@ def generate_deliveries(folder: Path, args: argparse.Namespace) -> dict:
 
 
 def config_text(out: Path, feed: Path, data: dict) -> str:
+    # work files beside the outputs, not in the shared temp folder others may clean
     text = (f'# Written by benchmarks/bench_membership.py\n[state]\nlocation = "{out}/state"\n'
+            f'work_dir = "{out}/work"\n'
             f'\n[profiles]\nsnapshot = "{data["profiles"]}"\ndefault_country = "FR"\n')
     text += bp.EMAIL_FEED.format(name="emails", folder=feed, encoding="auto")
     text += f'decryption = "aes-gcm"\nkey_env = "{data["key_env"]}"\n'
