@@ -151,8 +151,9 @@ class Snapshots:
     def _bucketize(self, label: str, kinds: tuple[str, ...], buckets: int,
                    match_column: str | None) -> ProfileIndex:
         keys_name = _name("keys", label, kinds, buckets, _tag(match_column))
-        attrs_name = _name("attrs", label, buckets)  # the same for every kind
         rows_name = _name("numbered", label, buckets)
+        # the same for every kind; with several buckets read from the numbered rows
+        attrs_name = _name("attrs", label, buckets) if buckets == 1 else rows_name
         numbered = None
         if attrs_name not in self._attrs:
             numbered = self._number(label, buckets, rows_name, attrs_name)
@@ -209,10 +210,12 @@ class Snapshots:
             numbered = _numbered(rows, b)
             ids = numbered.get_column("profile_id")
             repeats += int((ids == ids.shift(1)).sum())  # sorted: copies are neighbours
-            if buckets > 1:
+            numbered = numbered.with_columns(
+                email_order=hex_order(numbered.get_column("email_key")))
+            if buckets > 1:  # one spill for keys and attributes (disk: 50M profiles)
                 self._spill.replace(rows_name, b, numbered)
-            self._spill.replace(attrs_name, b, numbered.select(ATTRS).with_columns(
-                email_order=hex_order(numbered.get_column("email_key"))))
+            else:
+                self._spill.replace(attrs_name, b, numbered.select(ATTR_COLUMNS))
         if repeats:
             raise rows_error("profiles", "profile_id", repeats, "duplicates",
                              f"profile snapshot {self.location.url}", self.names.columns)
@@ -388,6 +391,7 @@ def _remove_quietly(store: Store, folder: str) -> None:
 
 
 ATTRS = ("profile_id", "email_key", "crm_id", "ecid")
+ATTR_COLUMNS = (*ATTRS, "email_order")  # email_order: `formats.hex_order` of email_key
 NUMBER = ("pb", "pnum")  # a profile's bucket and its number (row) in that bucket's attributes
 KEY_COLUMNS = ("key", "matched_on", "suppressed", *NUMBER)
 
@@ -410,8 +414,8 @@ class ProfileIndex:
         """DPUUID attributes of one profile bucket, sorted by profile_id: row n is the
         profile numbered n."""
         part = self.spill.scan(self.attrs_name, bucket)
-        return part if part is not None else pl.LazyFrame(
-            schema={**{c: pl.String for c in ATTRS}, "email_order": pl.UInt64})
+        return part.select(ATTR_COLUMNS) if part is not None else pl.LazyFrame(
+            schema={**{c: pl.String for c in ATTRS}, "email_order": pl.UInt32})
 
 
 def _numbered(rows: pl.LazyFrame, bucket: int) -> pl.DataFrame:
