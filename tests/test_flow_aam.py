@@ -62,3 +62,25 @@ def test_bucket_count(lines, profiles, pairs, expected):
                     file_name="x")
     d = ingest.Delivery("f", "r", "", (), info)
     assert delivery.bucket_count(d, profiles, pairs) == expected
+
+
+def test_split_files_one_at_a_time_only_while_the_index_is_built(tmp_path, capsys,
+                                                                 monkeypatch):
+    """The first delivery of a key kind reads its split files one at a time beside the index
+    build (memory); a later one, whose index is ready, side by side. A phone feed waits for
+    the index (it reuses its phone numbers), so it reads side by side at once."""
+    data = generate(tmp_path / "data", GenerateSpec(lines=600, profiles=300, files=2,
+                                                    deliveries=2))
+    seen: list[tuple[str, bool]] = []
+    real = delivery.ingest
+
+    def ingest_spy(ctx, plan, *args, parallel=True, **kwargs):
+        seen.append((plan.feed.name, parallel))
+        return real(ctx, plan, *args, parallel=parallel, **kwargs)
+
+    monkeypatch.setattr(delivery, "ingest", ingest_spy)
+    run(config(tmp_path, data, "one"), capsys)
+    by_feed: dict[str, list[bool]] = {}
+    for feed, parallel in seen:
+        by_feed.setdefault(feed, []).append(parallel)
+    assert by_feed == {"email": [False, True], "phone": [True, True]}

@@ -259,11 +259,15 @@ def _process(ctx: Context, plan: Plan, rep: DeliveryReport, membership: FeedMemb
     # The snapshot's first normalization is mostly Python (phone parsing) and reading the
     # delivery mostly polars, which releases the GIL: overlapping them uses both cores.
     # A phone feed waits, as it reuses the snapshot's phone results.
+    wanted = (delivery.date, feed.kinds, plan.buckets, feed.match_column)
+    # While the index is built it holds a profile bucket in memory and fills a core: split
+    # files are then read one at a time (a second one would add memory, not speed).
+    built = ctx.snapshots.ready(*wanted)
     with ThreadPoolExecutor(1, thread_name_prefix="snapshot") as pool:
-        index = pool.submit(ctx.snapshots.index, delivery.date, feed.kinds, plan.buckets,
-                            feed.match_column)
-        ingest(ctx, plan, plan.local.source, rep,
-               index.result().phones if "phone" in feed.kinds else None)
+        index = pool.submit(ctx.snapshots.index, *wanted)
+        phones = index.result().phones if "phone" in feed.kinds else None
+        ingest(ctx, plan, plan.local.source, rep, phones,
+               parallel=built or "phone" in feed.kinds)
         profiles = index.result()
     match(plan, profiles, rep)
     rep.check_reject_ratio(feed.max_reject_ratio)
@@ -353,8 +357,9 @@ class SplitTask:
 
 
 def ingest(ctx: Context, plan: Plan, source: Store | None, rep: DeliveryReport,
-           known_phones: pl.DataFrame | None = None) -> None:
-    """Pass 1: parse and resolve every split file; spill resolved rows and rejects."""
+           known_phones: pl.DataFrame | None = None, parallel: bool = True) -> None:
+    """Pass 1: parse and resolve every split file; spill resolved rows and rejects.
+    `parallel`: split files may be read side by side (when the source allows it)."""
     decryptor = ctx.keys.feeds.get(plan.feed.name) if ctx.keys else None
     local = replace(plan.local, source=source, phones=known_phones, decryptor=decryptor)
     setup = replace(plan.setup, source=True)
@@ -363,7 +368,7 @@ def ingest(ctx: Context, plan: Plan, source: Store | None, rep: DeliveryReport,
         setup = replace(setup, phones="phones")
     tasks = [SplitTask(seq, f) for seq, f in enumerate(plan.delivery.files, start=1)]
     # PGP files are decrypted where the secret key is: here (the same task, in process).
-    threads = SPLIT_THREADS if source is not None and source.parallel_reads else 1
+    threads = SPLIT_THREADS if parallel and source is not None and source.parallel_reads else 1
     results = (plan.executor.map(ingest_split, tasks, local, setup, threads=threads)
                if decryptor is None else (ingest_split(task, local) for task in tasks))
     for counts in results:
