@@ -40,7 +40,6 @@ from pipeline.membership import (
     FeedHead,
     FeedMembership,
     FeedVersion,
-    empty_members,
     mirror,
     write_members,
 )
@@ -553,11 +552,8 @@ def _write_bucket(pool: ThreadPoolExecutor, work: WorkArea, bucket: int,
 def _wait_all(futures: list[Future]) -> None:
     """Wait for every one (none is left running), then raise the first failure."""
     wait(futures)
-    try:
-        for future in futures:
-            future.result()
-    finally:
-        futures.clear()
+    for future in futures:
+        future.result()
 
 
 def merge_bucket(task: MergeTask, res: Resources) -> dict[str, int]:
@@ -614,8 +610,7 @@ def mirror_bucket(work: WorkArea, bucket: int, full: bool, part: Path, attrs: pl
         if added.height:
             write_members(added, part)
         return audience, 0, 0
-    result = mirror(audience, members.collect() if members is not None else empty_members(),
-                    full)
+    result = mirror(audience, members.collect(), full)
     if result.members.height:
         write_members(result.members, part, ordered=True)
     if result.leavers.height:  # only `full` has leavers: `iter` rows stay as they were
