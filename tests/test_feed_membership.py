@@ -111,6 +111,22 @@ def test_mirror_exact_when_distinct_pairs_share_a_hash(full, monkeypatch):
     assert_frame_equal(shuffled.members, weak.members)
 
 
+def test_write_members_orders_by_pairs_when_distinct_pairs_share_a_hash(tmp_path, monkeypatch):
+    """Parts written from unordered pairs: hash order normally; with a shared hash, pair
+    order; either way the same bytes whatever the input order."""
+    today, old = _random_bucket(6)
+    pairs = pl.concat([old, today.select(PAIR)]).unique()
+    write_members(pairs, tmp_path / "strong.parquet")
+    strong = pl.read_parquet(tmp_path / "strong.parquet")
+    assert strong.sort(PAIR).equals(pairs.sort(PAIR)) and not strong.equals(pairs.sort(PAIR))
+    monkeypatch.setattr("pipeline.membership.pair_hash",
+                        lambda profile_id, segment_id: segment_id.cast(pl.UInt64))
+    write_members(pairs, tmp_path / "a.parquet")
+    write_members(pairs.sample(fraction=1.0, shuffle=True, seed=7), tmp_path / "b.parquet")
+    assert pl.read_parquet(tmp_path / "a.parquet").equals(pairs.sort(PAIR))
+    assert (tmp_path / "a.parquet").read_bytes() == (tmp_path / "b.parquet").read_bytes()
+
+
 def _save(fm: FeedMembership, tmp_path, delivery: str, ts: int, frame: pl.DataFrame,
           buckets: int = 2, tag: str = "run1", retention: int = 35):
     parts = {}
