@@ -344,6 +344,7 @@ class StageStats:
     seconds: float = 0.0
     calls: int = 0
     peak_rss_mb: float = 0.0
+    cpu_s: float = 0.0  # the whole process's CPU while the stage ran (every thread)
     order: int = 0
     nested: bool = False
 
@@ -439,9 +440,11 @@ def profile_stages(config_path: Path, env: dict[str, str]) -> tuple[dict[str, St
     stats: dict[str, StageStats] = {}
     sampler = RssSampler()
 
-    def record(probe: Probe, order: int, name: str, seconds: float, peak: int) -> None:
+    def record(probe: Probe, order: int, name: str, seconds: float, peak: int,
+               cpu: float) -> None:
         s = stats.setdefault(name, StageStats(order=order, nested=probe.nested))
         s.seconds += seconds
+        s.cpu_s += cpu
         s.calls += 1
         s.peak_rss_mb = max(s.peak_rss_mb, peak / 2**20)
 
@@ -456,13 +459,14 @@ def profile_stages(config_path: Path, env: dict[str, str]) -> tuple[dict[str, St
         def timed(*args, **kwargs):
             name = f"{probe.stage} [{probe.label(*args, **kwargs)}]" if probe.label \
                 else probe.stage
-            cell, start = sampler.enter(), time.perf_counter()
+            cell, start, cpu = sampler.enter(), time.perf_counter(), time.process_time()
             try:
                 result = original(*args, **kwargs)
                 if probe.eager and isinstance(result, pl.LazyFrame):
                     result = result.collect().lazy()
             finally:
-                record(probe, order, name, time.perf_counter() - start, sampler.leave(cell))
+                record(probe, order, name, time.perf_counter() - start, sampler.leave(cell),
+                       time.process_time() - cpu)
             if inspect.isgenerator(result):
                 return _timed_generator(result, probe, order, name)
             return result
@@ -471,22 +475,25 @@ def profile_stages(config_path: Path, env: dict[str, str]) -> tuple[dict[str, St
 
     def _timed_generator(gen, probe: Probe, order: int, name: str):
         while True:
-            cell, start = sampler.enter(), time.perf_counter()
+            cell, start, cpu = sampler.enter(), time.perf_counter(), time.process_time()
             try:
                 item = next(gen)
             except StopIteration:
                 return
             finally:
-                record(probe, order, name, time.perf_counter() - start, sampler.leave(cell))
+                record(probe, order, name, time.perf_counter() - start, sampler.leave(cell),
+                       time.process_time() - cpu)
             yield item
 
     for order, probe in enumerate(PROBES):
         wrap(probe, order)
     config = load_config(config_path, env)
     with sampler:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         report = run_mod.execute(config, RunOptions())
         total = time.perf_counter() - start
+        stats["(whole run)"] = StageStats(seconds=total, cpu_s=time.process_time() - cpu,
+                                          order=-1, nested=True)
     if report.exit_code() != 0:
         print(f"profile: pipeline exit code {report.exit_code()}", file=sys.stderr)
     return stats, total
@@ -702,14 +709,21 @@ def main(argv: list[str] | None = None) -> int:
         result = json.loads(child.stdout)
         stats = {k: StageStats(**v) for k, v in result["stages"].items()}
         total = result["total"]
+        whole = stats.pop("(whole run)", None)
         measured = sum(s.seconds for s in stats.values() if not s.nested)
-        table = [["stage", "calls", "seconds", "share", "peak RSS MB"]]
+        # CPU: the process's (every thread's) while the stage ran; cores = CPU / wall
+        table = [["stage", "calls", "seconds", "share", "CPU s", "cores", "peak RSS MB"]]
         for name, s in sorted(stats.items(), key=lambda kv: (kv[1].order, kv[0])):
             table.append([("    " if s.nested else "") + name, str(s.calls), f"{s.seconds:.1f}",
-                          f"{s.seconds / total:.0%}", f"{s.peak_rss_mb:,.0f}"])
+                          f"{s.seconds / total:.0%}", f"{s.cpu_s:.1f}",
+                          f"{s.cpu_s / s.seconds:.2f}" if s.seconds else "",
+                          f"{s.peak_rss_mb:,.0f}"])
         table.append(["other (waits for the index, find deliveries, ledger, report)", "",
-                      f"{total - measured:.1f}", f"{(total - measured) / total:.0%}", ""])
-        table.append(["total (in process)", "", f"{total:.1f}", "100%",
+                      f"{total - measured:.1f}", f"{(total - measured) / total:.0%}", "", "",
+                      ""])
+        cpu_total = f"{whole.cpu_s:.1f}" if whole else ""
+        cores = f"{whole.cpu_s / total:.2f}" if whole else ""
+        table.append(["total (in process)", "", f"{total:.1f}", "100%", cpu_total, cores,
                       f"{result['peak_rss_mb']:,.0f}"])
         print("\npipeline stages (in process):")
         print(_fmt_table(table))

@@ -81,12 +81,6 @@ class Snapshots:
         local = [self._fetch(p) for p in paths]
         return int(_scan(local, self.location.url).select(pl.len()).collect().item())
 
-    def ready(self, as_of: date | None, kinds: tuple[str, ...], buckets: int,
-              match_column: str | None = None) -> bool:
-        """Whether `index` with these arguments returns at once (built earlier in the run)."""
-        label, _ = _choose(self._files, as_of, self.location.url)
-        return (label, kinds, buckets, match_column) in self._indexes
-
     def index(self, as_of: date | None, kinds: tuple[str, ...], buckets: int,
               match_column: str | None = None) -> ProfileIndex:
         """Profile keys (by key bucket) and DPUUID attributes (by profile bucket), on disk.

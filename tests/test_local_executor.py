@@ -47,6 +47,26 @@ def test_results_in_task_order_with_at_most_threads_running(tmp_path: Path) -> N
     assert _task_threads() == 0
 
 
+def test_a_window_asked_before_each_task_grows_when_it_says_so(tmp_path: Path) -> None:
+    """threads as a function (one while the profile index is built, two after): one task
+    at a time until it says two, then two; results still in task order."""
+    probe, opened = Probe(), threading.Event()
+    widths: list[int] = []
+
+    def width() -> int:
+        widths.append(2 if opened.is_set() else 1)
+        return widths[-1]
+
+    results = LocalExecutor(tmp_path).map(probe, range(7), None, None, threads=width)
+    got = [next(results) for _ in range(3)]
+    assert probe.most == 1
+    opened.set()
+    got += list(results)
+    assert got == [i * 10 for i in range(7)]
+    assert probe.most == 2 and widths[0] == 1 and widths[-1] == 2
+    assert _task_threads() == 0
+
+
 def test_an_error_arrives_in_task_order_and_stops_new_tasks(tmp_path: Path) -> None:
     probe, got = Probe(), []
     with pytest.raises(ValueError, match="task 7"):

@@ -24,7 +24,7 @@ from distributed import Client, KilledWorker
 
 from pipeline.config import Location
 from pipeline.errors import ConfigError, DeliveryFailed, FatalError
-from pipeline.executors.local import Portable
+from pipeline.executors.local import Portable, Threads
 from pipeline.spill import WorkArea, open_work_area
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ class DaskExecutor:
         return open_work_area(_join(self.work.url, name), self.work.options)
 
     def map(self, fn: Callable[[T, R], U], tasks: Sequence[T], local: R,
-            portable: Portable[R], threads: int = 1) -> Iterator[U]:
+            portable: Portable[R], threads: Threads = 1) -> Iterator[U]:
         # `threads` is for in-process executors: the cluster spreads tasks over its workers.
         client = self.client()
         batch = uuid.uuid4().hex[:12]

@@ -3,6 +3,7 @@ few at once on threads, where the caller asks)."""
 
 from __future__ import annotations
 
+import os
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -16,6 +17,10 @@ T = TypeVar("T")
 R = TypeVar("R")
 U = TypeVar("U")
 R_co = TypeVar("R_co", covariant=True)
+# Tasks an in-process executor may run at once: a number, or a function asked before each
+# task starts (e.g. one while the profile index is built beside them, two after).
+Threads = int | Callable[[], int]
+MAX_THREADS = os.cpu_count() or 1
 
 
 class Portable(Protocol[R_co]):
@@ -36,7 +41,7 @@ class Executor(Protocol):
         """The spill of one delivery; `memory_rows` a hint for in-process ones."""
 
     def map(self, fn: Callable[[T, R], U], tasks: Sequence[T], local: R,
-            portable: Portable[R], threads: int = 1) -> Iterator[U]:
+            portable: Portable[R], threads: Threads = 1) -> Iterator[U]:
         """fn(task, resources) for every task; results in task order. `local` are the
         resources for tasks run in this process, `portable` how a worker opens its own.
         `threads`: tasks an in-process executor may run at once (fn must be thread-safe)."""
@@ -62,34 +67,36 @@ class LocalExecutor:
         return Spill(self.workdir / name, memory_rows)
 
     def map(self, fn: Callable[[T, R], U], tasks: Sequence[T], local: R,
-            portable: Portable[R], threads: int = 1) -> Iterator[U]:
-        if threads <= 1 or len(tasks) <= 1:
+            portable: Portable[R], threads: Threads = 1) -> Iterator[U]:
+        width = threads if callable(threads) else (lambda: threads)
+        if (not callable(threads) and threads <= 1) or len(tasks) <= 1:
             for task in tasks:
                 self.tasks += 1
                 yield fn(task, local)
             return
-        yield from self._threaded(fn, tasks, local, threads)
+        yield from self._threaded(fn, tasks, local, width)
 
     def _threaded(self, fn: Callable[[T, R], U], tasks: Sequence[T], local: R,
-                  threads: int) -> Iterator[U]:
-        """At most `threads` tasks started and not yet consumed: a task starts when the
-        result before the window is taken, so memory holds `threads` tasks' work. A failed
+                  width: Callable[[], int]) -> Iterator[U]:
+        """At most `width()` tasks started and not yet consumed: a task starts when the
+        result before the window is taken, so memory holds that many tasks' work. A failed
         task raises in task order; leaving early waits for the running ones (no thread
         outlives the call) and starts no more."""
         pending: deque[Future[U]] = deque()
         queued = iter(tasks)
-        with ThreadPoolExecutor(threads, thread_name_prefix="task") as pool:
+        with ThreadPoolExecutor(max(1, MAX_THREADS), thread_name_prefix="task") as pool:
             try:
                 for task in queued:
                     pending.append(pool.submit(fn, task, local))
-                    if len(pending) == threads:
+                    if len(pending) >= width():
                         break
                 while pending:
                     result = pending.popleft().result()
                     self.tasks += 1
-                    for task in queued:  # the next one, if any
+                    for task in queued:  # refill the window (it may have grown)
                         pending.append(pool.submit(fn, task, local))
-                        break
+                        if len(pending) >= width():
+                            break
                     yield result
             finally:
                 for future in pending:

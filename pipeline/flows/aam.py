@@ -21,7 +21,7 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
@@ -260,13 +260,12 @@ def _process(ctx: Context, plan: Plan, rep: DeliveryReport, membership: FeedMemb
     # A phone feed waits, as it reuses the snapshot's phone results.
     wanted = (delivery.date, feed.kinds, plan.buckets, feed.match_column)
     # While the index is built it holds a profile bucket in memory and fills a core: split
-    # files are then read one at a time (a second one would add memory, not speed).
-    built = ctx.snapshots.ready(*wanted)
+    # files are then read one at a time (a second one would add memory, not speed), and
+    # side by side from the moment it is done.
     with ThreadPoolExecutor(1, thread_name_prefix="snapshot") as pool:
         index = pool.submit(ctx.snapshots.index, *wanted)
         phones = index.result().phones if "phone" in feed.kinds else None
-        ingest(ctx, plan, plan.local.source, rep, phones,
-               parallel=built or "phone" in feed.kinds)
+        ingest(ctx, plan, plan.local.source, rep, phones, parallel=index.done)
         profiles = index.result()
     match(plan, profiles, rep)
     rep.check_reject_ratio(feed.max_reject_ratio)
@@ -356,9 +355,10 @@ class SplitTask:
 
 
 def ingest(ctx: Context, plan: Plan, source: Store | None, rep: DeliveryReport,
-           known_phones: pl.DataFrame | None = None, parallel: bool = True) -> None:
+           known_phones: pl.DataFrame | None = None,
+           parallel: Callable[[], bool] = lambda: True) -> None:
     """Pass 1: parse and resolve every split file; spill resolved rows and rejects.
-    `parallel`: split files may be read side by side (when the source allows it)."""
+    `parallel()`: split files may now be read side by side (when the source allows it)."""
     decryptor = ctx.keys.feeds.get(plan.feed.name) if ctx.keys else None
     local = replace(plan.local, source=source, phones=known_phones, decryptor=decryptor)
     setup = replace(plan.setup, source=True)
@@ -367,7 +367,10 @@ def ingest(ctx: Context, plan: Plan, source: Store | None, rep: DeliveryReport,
         setup = replace(setup, phones="phones")
     tasks = [SplitTask(seq, f) for seq, f in enumerate(plan.delivery.files, start=1)]
     # PGP files are decrypted where the secret key is: here (the same task, in process).
-    threads = SPLIT_THREADS if parallel and source is not None and source.parallel_reads else 1
+    side_by_side = source is not None and source.parallel_reads
+
+    def threads() -> int:
+        return SPLIT_THREADS if side_by_side and parallel() else 1
     results = (plan.executor.map(ingest_split, tasks, local, setup, threads=threads)
                if decryptor is None else (ingest_split(task, local) for task in tasks))
     for counts in results:
