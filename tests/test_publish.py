@@ -70,6 +70,20 @@ def test_one_file_has_the_same_name_and_bytes_as_one_call(tmp_path: Path) -> Non
     assert gzip.decompress(local_a.read_bytes()) == gzip.decompress(local_b.read_bytes())
 
 
+@pytest.mark.parametrize("block", [1, 3, 5, 1000])
+def test_blocks_give_the_same_files(tmp_path: Path, block: int, monkeypatch) -> None:
+    """Lines go to the gzip thread in blocks of BLOCK_LINES: the same files and lines
+    whatever the block size, across file limits and calls."""
+    monkeypatch.setattr("pipeline.stages.publish.BLOCK_LINES", block)
+    writer = InboundWriter(dest(4), KEY, tmp_path)
+    for first, count in [(0, 6), (6, 7)]:
+        writer.add_rows(rows(first, count))
+    out = writer.finish()
+    got = [lines(local, True) for _, local in out.files]
+    assert [len(g) for g in got] == [4, 4, 4, 1]
+    assert sum(got, []) == [f"id{n:04d}\td_sid=11" for n in range(13)]
+
+
 def test_no_rows_no_files(tmp_path: Path) -> None:
     out = InboundWriter(dest(10), KEY, tmp_path).finish()
     assert out.files == [] and out.rows == 0

@@ -36,6 +36,7 @@ DPUUID_COLUMN = {"email_sha256": "email_key", "profile_id": "profile_id",
                  "crm_id": "crm_id", "ecid": "ecid"}
 _COPY = 8 << 20
 PARTS = 1000  # the split slot of an inbound name is <delivery tag><part, 3 digits>
+BLOCK_LINES = 100_000  # inbound lines joined and handed to the gzip thread at a time
 # Inbound files are filed by date: an earlier TIMESTAMP (0, a stray 10-digit number) is no
 # usable date, and would file them under date=1970-01-01. AAM itself is younger than this.
 MIN_TIMESTAMP = 946_684_800  # 2000-01-01T00:00:00Z
@@ -200,7 +201,9 @@ class InboundWriter:
         start = 0
         while start < count:
             used = self.lines % per_file
-            take = min(per_file - used, count - start)
+            # in blocks: the gzip thread starts on the first while the next is joined, and
+            # a bucket's text (~80 MB per million lines) is never held whole, twice
+            take = min(per_file - used, count - start, BLOCK_LINES)
             lo, hi = line.search_sorted(pl.Series([start, start + take]), side="left")
             text = pieces.get_column("text").slice(lo, hi - lo).str.join("")
             self._parts.write(text.cast(pl.Binary).item(), new_part=used == 0)
