@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import gzip
 import json
+import threading
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ import pytest
 from localdev.generate import KEY_ENV, GenerateSpec, demo_key, generate
 from pipeline.cli import main
 from pipeline.flows import aam as delivery
+from pipeline.snapshot import Snapshots
 from pipeline.stages import ingest
 from tests.factories import generated_config
 
@@ -66,18 +68,27 @@ def test_bucket_count(lines, profiles, pairs, expected):
 
 def test_split_files_one_at_a_time_only_while_the_index_is_built(tmp_path, capsys,
                                                                  monkeypatch):
-    """The first delivery of a key kind reads its split files one at a time beside the index
-    build (memory); a later one, whose index is ready, side by side. A phone feed waits for
-    the index (it reuses its phone numbers), so it reads side by side at once."""
+    """The first delivery of a key kind reads its split files one at a time while the index
+    is built beside it (memory); a later one, whose index is ready, side by side. A phone
+    feed waits for the index (it reuses its phone numbers), so it reads side by side at once.
+    (Once the index is built, the first delivery's remaining files go side by side too:
+    tests/test_local_executor.py.)"""
     data = generate(tmp_path / "data", GenerateSpec(lines=600, profiles=300, files=2,
                                                     deliveries=2))
     seen: list[tuple[str, bool]] = []
-    real = delivery.ingest
+    real, real_index = delivery.ingest, Snapshots.index
+    asked = threading.Event()  # the index build waits until pass 1 has asked once
 
-    def ingest_spy(ctx, plan, *args, parallel=True, **kwargs):
-        seen.append((plan.feed.name, parallel))
+    def index_after_ask(self, *args, **kwargs):
+        asked.wait(10)
+        return real_index(self, *args, **kwargs)
+
+    def ingest_spy(ctx, plan, *args, parallel=lambda: True, **kwargs):
+        seen.append((plan.feed.name, parallel()))
+        asked.set()
         return real(ctx, plan, *args, parallel=parallel, **kwargs)
 
+    monkeypatch.setattr(Snapshots, "index", index_after_ask)
     monkeypatch.setattr(delivery, "ingest", ingest_spy)
     run(config(tmp_path, data, "one"), capsys)
     by_feed: dict[str, list[bool]] = {}
