@@ -503,7 +503,7 @@ def hex_order(digests: pl.Series) -> pl.Series:
     return pl.zeros(len(digests), pl.UInt32, eager=True).scatter(by_prefix, ranks).alias("order")
 
 
-def inbound_pieces(rows: pl.DataFrame) -> pl.DataFrame:
+def inbound_pieces(rows: pl.DataFrame, dpuuids: pl.Series | None = None) -> pl.DataFrame:
     """The text of `inbound_lines` (no signal limit) as one piece per signal, in line order.
 
     Columns `line` (0-based line number) and `text`; joining the pieces of lines a..b gives
@@ -512,12 +512,17 @@ def inbound_pieces(rows: pl.DataFrame) -> pl.DataFrame:
     without any group-by on 64-char strings; a stable sort then puts adds first.
     An `order` column without nulls (`hex_order` of SHA-256 DPUUIDs) ranks the DPUUIDs:
     both sorts then run on one packed integer. Either way the DPUUID strings are never moved
-    by a sort, only picked once per line.
+    by a sort, only picked once per line. With `dpuuids` (SHA-256 digests, ranked by
+    `order`), rows carry `pnum`, their DPUUID's position in it, instead of the string.
     """
     ranked = "order" in rows.columns and not rows.get_column("order").has_nulls()
-    _check_inbound_rows(rows, digests=ranked)
+    if dpuuids is not None and not ranked:
+        raise ValueError("inbound rows naming their DPUUID by position need its rank")
+    _check_inbound_rows(rows, digests=ranked, dpuuids=dpuuids)
     signals = _ranked_signals(rows) if ranked else _sorted_signals(rows)
-    starts = rows.get_column("dpuuid").gather(signals.get_column("_row"))  # null but first
+    first = signals.get_column("_row")  # null but on a line's first signal
+    starts = (rows.get_column("dpuuid").gather(first) if dpuuids is None
+              else dpuuids.gather(rows.get_column("pnum").gather(first)))
     return signals.select("line", text=pl.concat_str(pl.lit(starts), _signals(signals),
                                                      ignore_nulls=True))
 
@@ -579,13 +584,17 @@ def _signals(rows: pl.DataFrame) -> pl.Series:
     return rows.select(pl.lit(pl.Series(texts, dtype=pl.String)).gather(code)).to_series()
 
 
-def _check_inbound_rows(rows: pl.DataFrame, digests: bool = False) -> None:
+def _check_inbound_rows(rows: pl.DataFrame, digests: bool = False,
+                        dpuuids: pl.Series | None = None) -> None:
     """`digests`: the DPUUIDs are hex SHA-256 digests (never empty, no tab or line break):
-    their characters need no check."""
+    their characters need no check. `dpuuids`: rows name theirs by position (`pnum`)."""
+    if dpuuids is None:
+        missing = pl.col("dpuuid").is_null() if digests else ~valid_dpuuid("dpuuid")
+    else:
+        missing = pl.col("pnum").is_null() | pl.lit(dpuuids.is_null()).gather(pl.col("pnum"))
     # Counts only: a DPUUID may be a hashed email or CRM ID and never goes into a message.
     checks = {
-        "an empty DPUUID or one with a tab/line break": (
-            pl.col("dpuuid").is_null() if digests else ~valid_dpuuid("dpuuid")),
+        "an empty DPUUID or one with a tab/line break": missing,
         "an action other than add/remove": ~pl.col("action").is_in(["add", "remove"])
         | pl.col("action").is_null(),
         "no trait ID": pl.col("trait_id").is_null(),

@@ -745,6 +745,25 @@ def test_inbound_pieces_hex_order_sorts_like_strings(collide: bool) -> None:
     assert text == "".join(f"{line}\n" for line in inbound_lines(rows)["line"])
 
 
+def test_inbound_pieces_by_position_equal_the_strings() -> None:
+    """Rows naming their DPUUID by position in a table of digests (the writer's numbered
+    profiles) give the very pieces of rows carrying the strings; a position without a
+    digest is refused, as a missing DPUUID is."""
+    table = pl.Series([hashlib.sha256(str(n).encode()).hexdigest() for n in range(200)])
+    rng = random.Random(11)
+    picks = [(rng.randrange(200), rng.choice([9001, 9002]), rng.choice(["add", "remove"]))
+             for _ in range(2000)]
+    rows = _inbound([(table[p], t, a) for p, t, a in picks]).with_columns(
+        pnum=pl.Series([p for p, _, _ in picks], dtype=pl.UInt32))
+    order = hex_order(table).gather(rows["pnum"])
+    by_string = inbound_pieces(rows.drop("pnum").with_columns(order=order))
+    by_position = inbound_pieces(rows.drop("dpuuid").with_columns(order=order), table)
+    assert_frame_equal(by_position, by_string)
+    with pytest.raises(ValueError, match="empty DPUUID"):
+        inbound_pieces(rows.drop("dpuuid").with_columns(order=order),
+                       table.scatter(int(rows["pnum"][0]), None))
+
+
 def test_inbound_lines_empty() -> None:
     assert_frame_equal(inbound_lines(_inbound([])), _lines())
 

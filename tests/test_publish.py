@@ -12,6 +12,7 @@ import pytest
 
 from pipeline.config import DestinationConfig, Location
 from pipeline.errors import DeliveryFailed, SchemaError
+from pipeline.formats import hex_order
 from pipeline.stages.publish import CampaignListWriter, DeliveryKey, InboundWriter
 from pipeline.tables import check_output, check_rows
 
@@ -82,6 +83,39 @@ def test_blocks_give_the_same_files(tmp_path: Path, block: int, monkeypatch) -> 
     got = [lines(local, True) for _, local in out.files]
     assert [len(g) for g in got] == [4, 4, 4, 1]
     assert sum(got, []) == [f"id{n:04d}\td_sid=11" for n in range(13)]
+
+
+def test_add_by_profile_number_with_or_without_ranks(tmp_path: Path) -> None:
+    """Audience rows of numbered profiles: the same lines whether the digests are ranked
+    (`email_order`) or must be sorted as strings (ranks null, as after a prefix clash);
+    unmapped segments and profiles without an email are counted, not written."""
+    import hashlib
+    digests = [hashlib.sha256(str(n).encode()).hexdigest() for n in range(50)]
+    digests[7] = None  # a profile without an email
+    attrs = pl.DataFrame({"profile_id": [f"p{n:02d}" for n in range(50)],
+                          "email_key": digests}).with_columns(
+        email_order=hex_order(pl.Series(digests)))
+    audience = pl.DataFrame({
+        "pnum": [n % 50 for n in range(120)], "segment_id": [1 + n % 3 for n in range(120)],
+        "action": ["remove" if n % 7 == 0 else "add" for n in range(120)],
+    }, schema={"pnum": pl.UInt32, "segment_id": pl.UInt32, "action": pl.String})
+    ec = DestinationConfig("ec", "aam_inbound", Location("/unused"), dpid=7,
+                           traits={1: 11, 2: 12}, id="email_sha256", gzip=False)
+    outs = []
+    for name, ranks in (("ranked", attrs), ("strings", attrs.with_columns(
+            email_order=pl.lit(None, pl.UInt32)))):
+        writer = InboundWriter(ec, KEY, tmp_path / name)
+        writer.add(audience, ranks.lazy())
+        outs.append(writer.finish())
+    (_, ranked), = outs[0].files
+    (_, strings), = outs[1].files
+    assert ranked.read_bytes() == strings.read_bytes()
+    assert outs[0].unmapped_segments == outs[1].unmapped_segments == 40  # segment 3
+    assert outs[0].missing_id == outs[1].missing_id > 0
+    assert outs[0].rows == 80 - outs[0].missing_id
+    got = lines(ranked, False)
+    assert len(got) == len({digests[n % 50] for n in range(120) if n % 3 != 2} - {None})
+    assert got == sorted(got)  # by DPUUID
 
 
 def test_no_rows_no_files(tmp_path: Path) -> None:
