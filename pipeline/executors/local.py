@@ -84,7 +84,7 @@ class LocalExecutor:
         outlives the call) and starts no more."""
         pending: deque[Future[U]] = deque()
         queued = iter(tasks)
-        with ThreadPoolExecutor(max(1, MAX_THREADS), thread_name_prefix="task") as pool:
+        with ThreadPoolExecutor(MAX_THREADS, thread_name_prefix="task") as pool:
             try:
                 for task in queued:
                     pending.append(pool.submit(fn, task, local))
