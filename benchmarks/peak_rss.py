@@ -37,10 +37,16 @@ class PeakSampler(threading.Thread):
         self.peak, self.at, self.stacks = 0, 0.0, ""
         self.start_time = time.perf_counter()
         self._done = threading.Event()
+        self.places: dict[str, int] = {}
 
     def run(self) -> None:
+        n = 0
         while not self._done.wait(self.every_s):
             rss = rss_bytes()
+            n += 1
+            if n % 10 == 0:  # where the main thread is: the highest RSS seen per place
+                place = _main_place()
+                self.places[place] = max(self.places.get(place, 0), rss)
             if rss > self.peak + self.step or (rss > self.peak and not self.stacks):
                 self.peak, self.at = rss, time.perf_counter() - self.start_time
                 self.stacks = _kinds() + "\n" + _stacks(self.ident)
@@ -50,6 +56,18 @@ class PeakSampler(threading.Thread):
     def stop(self) -> None:
         self._done.set()
         self.join()
+
+
+def _main_place() -> str:
+    """The main thread's innermost frame in the flow module (the pass it is in)."""
+    frame = sys._current_frames().get(threading.main_thread().ident)  # noqa: SLF001
+    place = "other"
+    while frame is not None:
+        if frame.f_code.co_filename.endswith(("flows/aam.py", "publish.py")):
+            place = f"{frame.f_code.co_filename.rsplit('/', 1)[-1]}:{frame.f_code.co_name}"
+            break
+        frame = frame.f_back
+    return place
 
 
 def _kinds() -> str:
@@ -91,7 +109,11 @@ def main() -> int:
     finally:
         sampler.stop()
     mib = sampler.peak / 2**20
-    args.out.write_text(f"peak {mib:,.0f} MiB at {sampler.at:.1f} s\n{sampler.stacks}\n")
+    places = "\n".join(f"  {rss / 2**20:8,.0f} MiB  {place}" for place, rss in
+                       sorted(sampler.places.items(), key=lambda kv: -kv[1]))
+    args.out.write_text(f"peak {mib:,.0f} MiB at {sampler.at:.1f} s\n"
+                        f"highest RSS by where the main thread was:\n{places}\n"
+                        f"{sampler.stacks}\n")
     print(f"peak {mib:,.0f} MiB at {sampler.at:.1f} s (exit {report.exit_code()}); "
           f"stacks at the peak: {args.out}")
     return 0
