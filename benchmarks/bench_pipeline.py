@@ -10,7 +10,8 @@ subprocess, measuring wall time and peak RSS (`wait4` rusage of that child only)
 that both wrote the same campaign CSVs (bytes), AAM inbound lines, quarantine files and
 report counts, and prints a table. `--profile-stages` also runs the pipeline in this process
 with every stage wrapped from the outside (nothing in `pipeline/` is changed) and prints wall
-time and peak RSS per stage. Results are appended to `<data>/results.jsonl`.
+time, the process's CPU while the stage ran (and so the cores it kept busy) and peak RSS per
+stage. Results are appended to `<data>/results.jsonl`.
 """
 
 from __future__ import annotations
@@ -428,7 +429,7 @@ def _owner(path: str) -> object | None:
 
 
 def profile_stages(config_path: Path, env: dict[str, str]) -> tuple[dict[str, StageStats], float]:
-    """Run the pipeline in process with every probe wrapped; wall time and peak RSS per stage.
+    """Run the pipeline in process with every probe wrapped; wall, CPU and peak RSS per stage.
 
     Wrapping happens from the outside (module/class attributes), so a probe whose function
     has been renamed is reported as missing instead of failing the run.
