@@ -92,7 +92,8 @@ class RunReport:
         if self.error:
             return 1
         failed = sum(1 for d in self.deliveries if d.status == "failed")
-        done = sum(1 for d in self.deliveries if d.status == "processed")
+        # a dry run's deliveries that went through are "dry_run": done as much as it does
+        done = sum(1 for d in self.deliveries if d.status in ("processed", "dry_run"))
         if failed and not done:
             return 1
         return 3 if failed else 0
