@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import subprocess
+import sys
 from pathlib import Path
 
 import polars as pl
 
 from pipeline.formats import InfoEntry, render_info
-from pipeline.stores import Store
+from pipeline.stores import Store, StoreOptions, open_store
+
+REPO = Path(__file__).resolve().parents[1]
+CRASH_RUNNER = REPO / "tests" / "crash_runner.py"
 
 
 def delivery_files(root: str, splits: list[list[str]], gz: bool = True) -> dict[str, bytes]:
@@ -38,6 +43,48 @@ def write_snapshot(path: Path, rows: list[dict]) -> Path:
               "opt_out": pl.Boolean, "blacklisted": pl.Boolean}
     pl.DataFrame(rows, schema=schema).write_parquet(path)
     return path
+
+
+def two_destinations(targets: dict[str, str], traits: dict[int, int],
+                     keys: dict[str, str] | None = None) -> str:
+    """TOML of a `campaign` Campaign list and an `ec` AAM inbound destination (dpid 7, gzip)
+    at `targets`; `keys` adds a destination's SFTP lines."""
+    keys = keys or {}
+    segments = ", ".join(f'"{segment}" = {trait}' for segment, trait in traits.items())
+    return f"""
+[[destinations]]
+name = "campaign"
+kind = "campaign_list"
+target = "{targets['campaign']}"
+{keys.get('campaign', '')}
+[[destinations]]
+name = "ec"
+kind = "aam_inbound"
+target = "{targets['ec']}"
+{keys.get('ec', '')}
+dpid = 7
+segments = {{ {segments} }}
+gzip = true
+"""
+
+
+def read_outputs(targets: dict[str, str], sftp: StoreOptions | None = None) -> dict[str, bytes]:
+    """Every file of every target, as `<destination>/<path>`: bytes (`sftp`: the options of
+    targets on SFTP)."""
+    files = {}
+    for name, url in targets.items():
+        opts = sftp if sftp is not None and url.startswith("sftp") else StoreOptions()
+        store = open_store(url, opts)
+        files.update({f"{name}/{e.path}": store.read_bytes(e.path) for e in store.list()})
+        store.close()
+    return files
+
+
+def run_crashing(config: Path, stage: str, timeout: float) -> subprocess.CompletedProcess:
+    """`run --json` in a child that SIGKILLs itself at `stage` (tests/crash_runner.py)."""
+    return subprocess.run(
+        [sys.executable, str(CRASH_RUNNER), stage, "run", "--config", str(config), "--json"],
+        capture_output=True, text=True, cwd=REPO, timeout=timeout, check=False)
 
 
 def toml_config(path: Path, text: str) -> Path:

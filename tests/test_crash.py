@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import uuid
 from pathlib import Path
 
 import pytest
 
 from pipeline.stores import StoreOptions, open_store
-from tests.factories import delivery_files, put_all, write_snapshot
+from tests.factories import (
+    delivery_files,
+    put_all,
+    read_outputs,
+    run_crashing,
+    two_destinations,
+    write_snapshot,
+)
 
-REPO = Path(__file__).resolve().parents[1]
-RUNNER = REPO / "tests" / "crash_runner.py"
 ROOTS = ["ftp_1234_5678_iter_1486140844000", "ftp_1234_5678_iter_1486227244000"]
 LINES = [["alice@example.com 111,112", "bob@example.com 113"], ["carol@example.com 111 112"]]
 PROFILES = [{"profile_id": f"P{i}", "email": f"{n}@example.com"}
@@ -60,33 +64,13 @@ name = "emails"
 source = "{self.source}"
 {sftp_keys if self.source.startswith("sftp") else ""}
 id_kind = "email"
-[[destinations]]
-name = "campaign"
-kind = "campaign_list"
-target = "{self.targets['campaign']}"
-{keys['campaign']}
-[[destinations]]
-name = "ec"
-kind = "aam_inbound"
-target = "{self.targets['ec']}"
-{keys['ec']}
-dpid = 7
-segments = {{ "111" = 1, "112" = 2, "113" = 3 }}
-gzip = true
-""")
+""" + two_destinations(self.targets, {111: 1, 112: 2, 113: 3}, keys))
 
     def run(self, stage: str = "none") -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [sys.executable, str(RUNNER), stage, "run", "--config", str(self.config), "--json"],
-            capture_output=True, text=True, cwd=REPO, timeout=120, check=False)
+        return run_crashing(self.config, stage, timeout=120)
 
     def outputs(self) -> dict[str, bytes]:
-        files = {}
-        for name, url in self.targets.items():
-            store = open_store(url, self.sftp_opts if url.startswith("sftp") else StoreOptions())
-            files.update({f"{name}/{e.path}": store.read_bytes(e.path) for e in store.list()})
-            store.close()
-        return files
+        return read_outputs(self.targets, self.sftp_opts)
 
     def ledger(self) -> dict[str, str]:
         store = open_store(self.state, StoreOptions())

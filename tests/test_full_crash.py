@@ -5,7 +5,6 @@ the next `run` ends with the same outputs and the same membership as an uninterr
 from __future__ import annotations
 
 import subprocess
-import sys
 import uuid
 from pathlib import Path
 
@@ -14,10 +13,15 @@ import pytest
 from pipeline.membership import FeedMembership
 from pipeline.spill import Spill
 from pipeline.stores import StoreOptions, open_store
-from tests.factories import delivery_files, put_all, write_snapshot
+from tests.factories import (
+    delivery_files,
+    put_all,
+    read_outputs,
+    run_crashing,
+    two_destinations,
+    write_snapshot,
+)
 
-REPO = Path(__file__).resolve().parents[1]
-RUNNER = REPO / "tests" / "crash_runner.py"
 FEEDS = {
     "feed-a": {"ftp_1_2_full_1486140844000": [["alice@example.com 111,112", "bob@example.com 111"],
                                               ["carol@example.com 113"]],
@@ -62,32 +66,13 @@ class Setup:
 location = "{self.state}"
 [profiles]
 snapshot = "{tmp}/profiles"
-{feeds}
-[[destinations]]
-name = "campaign"
-kind = "campaign_list"
-target = "{self.targets['campaign']}"
-[[destinations]]
-name = "ec"
-kind = "aam_inbound"
-target = "{self.targets['ec']}"
-dpid = 7
-segments = {{ "111" = 1, "112" = 2, "113" = 3 }}
-gzip = true
-""")
+{feeds}""" + two_destinations(self.targets, {111: 1, 112: 2, 113: 3}))
 
     def run(self, stage: str = "none") -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [sys.executable, str(RUNNER), stage, "run", "--config", str(self.config), "--json"],
-            capture_output=True, text=True, cwd=REPO, timeout=180, check=False)
+        return run_crashing(self.config, stage, timeout=180)
 
     def outputs(self) -> dict[str, bytes]:
-        files = {}
-        for name, url in self.targets.items():
-            store = open_store(url)
-            files.update({f"{name}/{e.path}": store.read_bytes(e.path) for e in store.list()})
-            store.close()
-        return files
+        return read_outputs(self.targets)
 
     def membership(self) -> dict[str, tuple]:
         """Per feed: (delivery, pairs) of every version and the newest version's pairs."""

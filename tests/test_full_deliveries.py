@@ -18,7 +18,7 @@ from pipeline.spill import Spill
 from pipeline.stages.publish import CampaignListWriter, DeliveryKey
 from pipeline.stores import StoreOptions, open_store
 from pipeline.tables import check_output, check_rows
-from tests.factories import delivery_files, put_all, write_snapshot
+from tests.factories import delivery_files, put_all, read_outputs, two_destinations, write_snapshot
 
 GOLDEN = Path(__file__).parent / "golden"
 ROOTS = {1: "ftp_1234_5678_full_1485943200000",  # 2017-02-01 10:00 UTC
@@ -74,18 +74,7 @@ known_hosts = "{server.known_hosts}"
 identity_file = "{server.identity_file}"
 id_kind = "email"
 {feed_extra}
-[[destinations]]
-name = "campaign"
-kind = "campaign_list"
-target = "{self.targets['campaign']}"
-[[destinations]]
-name = "ec"
-kind = "aam_inbound"
-target = "{self.targets['ec']}"
-dpid = 7
-segments = {{ "111" = 9001, "112" = 9002, "113" = 9003 }}
-gzip = true
-""")
+""" + two_destinations(self.targets, {111: 9001, 112: 9002, 113: 9003}))
 
     def put(self, root: str, splits: list[list[str]]) -> None:
         store = open_store(self.source, self.sftp)
@@ -99,12 +88,7 @@ gzip = true
         return code, json.loads(out.out)
 
     def outputs(self) -> dict[str, bytes]:
-        files = {}
-        for name, url in self.targets.items():
-            store = open_store(url)
-            files.update({f"{name}/{e.path}": store.read_bytes(e.path) for e in store.list()})
-            store.close()
-        return files
+        return read_outputs(self.targets)
 
     def campaign(self, day: int) -> str:
         return self.outputs()[f"campaign/emails/{ROOTS[day]}.csv"].decode()
