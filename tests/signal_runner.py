@@ -1,8 +1,10 @@
-"""Runs the CLI and waits mid-run (after a delivery's ingest pass) so a test can signal it.
+"""Runs the CLI and waits mid-run (before a delivery's match pass) so a test can signal it.
 
 usage: python tests/signal_runner.py READY_FILE run --config FILE ...
-Once the first delivery's lines are spilled to the work folder, READY_FILE is created and
-the run sleeps up to 60 s: time for the test to send SIGTERM or SIGKILL.
+Once the first delivery's lines are read and the profile index is built (its files are in
+the work folder; it is built on a thread beside pass 1, so only pass 2 is sure to find
+them), READY_FILE is created and the run sleeps up to 60 s: time for the test to send
+SIGTERM or SIGKILL.
 """
 
 from __future__ import annotations
@@ -17,17 +19,16 @@ from pipeline.cli import main  # noqa: E402
 from pipeline.flows import aam  # noqa: E402
 
 
-def pause_after(func, ready: Path):
+def pause_before(func, ready: Path):
     def wrapper(*args, **kwargs):
-        result = func(*args, **kwargs)
         ready.write_text("spilled")
         time.sleep(60)
-        return result
+        return func(*args, **kwargs)
 
     return wrapper
 
 
 if __name__ == "__main__":
     ready, *argv = sys.argv[1:]
-    aam.ingest = pause_after(aam.ingest, Path(ready))
+    aam.match = pause_before(aam.match, Path(ready))
     sys.exit(main(argv))

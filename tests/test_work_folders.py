@@ -106,7 +106,7 @@ def _work_folders(env: Path) -> list[Path]:
 def test_sigterm_ends_the_run_like_an_interrupt(env):
     proc = _start_paused(env)
     [folder] = _work_folders(env)
-    assert any(folder.rglob("*.arrow"))  # spilled lines are there while it runs
+    assert any(folder.rglob("*.arrow"))  # spilled index files are there while it runs
     assert (env / "state" / LOCK_PATH).exists()
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=60)
