@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.config import ExecutorConfig, check_executor
-from pipeline.executors.local import Executor, LocalExecutor, Portable
+from pipeline.executors.local import Executor, LocalExecutor, Portable, Threads
 
 
 def open_executor(config: ExecutorConfig, workdir: Path, run_id: str) -> Executor:
@@ -25,4 +25,4 @@ def open_executor(config: ExecutorConfig, workdir: Path, run_id: str) -> Executo
     return LocalExecutor(workdir)
 
 
-__all__ = ["Executor", "LocalExecutor", "Portable", "open_executor"]
+__all__ = ["Executor", "LocalExecutor", "Portable", "Threads", "open_executor"]

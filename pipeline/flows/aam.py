@@ -33,7 +33,7 @@ import polars as pl
 from pipeline.config import FeedConfig, Location, with_secrets, without_secrets
 from pipeline.context import Context, RunOptions
 from pipeline.errors import ConfigError, DeliveryFailed
-from pipeline.executors import Executor
+from pipeline.executors import Executor, Threads
 from pipeline.formats import QUARANTINED_LINE_CHARS
 from pipeline.ledger import LedgerEntry
 from pipeline.membership import (
@@ -367,10 +367,10 @@ def ingest(ctx: Context, plan: Plan, source: Store | None, rep: DeliveryReport,
         setup = replace(setup, phones="phones")
     tasks = [SplitTask(seq, f) for seq, f in enumerate(plan.delivery.files, start=1)]
     # PGP files are decrypted where the secret key is: here (the same task, in process).
-    side_by_side = source is not None and source.parallel_reads
-
-    def threads() -> int:
-        return SPLIT_THREADS if side_by_side and parallel() else 1
+    # A source that reads one file at a time (SFTP), or one core, keeps the plain serial
+    # path: no task thread at all.
+    side_by_side = source is not None and source.parallel_reads and SPLIT_THREADS > 1
+    threads: Threads = (lambda: SPLIT_THREADS if parallel() else 1) if side_by_side else 1
     results = (plan.executor.map(ingest_split, tasks, local, setup, threads=threads)
                if decryptor is None else (ingest_split(task, local) for task in tasks))
     for counts in results:
