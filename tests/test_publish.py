@@ -4,6 +4,7 @@ thread; the same lines and names as writing everything at once."""
 from __future__ import annotations
 
 import gzip
+import hashlib
 import threading
 from pathlib import Path
 
@@ -56,6 +57,8 @@ def test_split_across_calls(tmp_path: Path, gz: bool) -> None:
     assert sum(got, []) == [f"id{n:04d}\td_sid=11" for n in range(12)]
     assert out.rows == 12
     assert _compress_threads() == 0
+    # the manifest's checksums, kept while writing: those of the files' bytes
+    assert out.md5s == {p: hashlib.md5(local.read_bytes()).hexdigest() for p, local in out.files}
 
 
 def test_one_file_has_the_same_name_and_bytes_as_one_call(tmp_path: Path) -> None:
@@ -144,11 +147,17 @@ def test_campaign_list_output_matches_its_schema(tmp_path: Path, fmt: str) -> No
     writer.add(pl.DataFrame({"profile_id": ["p2", "p1", "p1"], "segment_id": [7, 9, 7],
                              "action": ["add", "remove", "add"],
                              "matched_on": ["email", "email", "phone"]}))
-    ((_, local),) = writer.finish().files
+    writer.add(pl.DataFrame({"profile_id": ["p3"], "segment_id": [7], "action": ["add"],
+                             "matched_on": ["email"]}))
+    out = writer.finish()
+    ((path, local),) = out.files
     assert isinstance(local, Path)
+    # CSV: the checksum is kept while writing (both appends); Parquet's is read at publish
+    assert out.md5s == ({} if fmt == "parquet"
+                        else {path: hashlib.md5(local.read_bytes()).hexdigest()})
     table = (pl.read_parquet(local) if fmt == "parquet"
              else pl.read_csv(local, schema_overrides={"profile_id": pl.String}))
-    assert table.height == 3
+    assert table.height == 4
     check_output(table.schema, "campaign_list", "written")
     check_rows(table.lazy(), "campaign_list", "written")
 

@@ -64,6 +64,7 @@ class Output:
     """Files one destination gets for one delivery: (path, bytes or a local file)."""
 
     files: list[tuple[str, bytes | Path]] = field(default_factory=list)
+    md5s: dict[str, str] = field(default_factory=dict)  # path -> md5, kept while written
     rows: int = 0
     unmapped_segments: int = 0  # rows left out by the destination's segment mapping/filter
     missing_id: int = 0  # mapped rows of profiles lacking the destination's DPUUID
@@ -80,6 +81,7 @@ class CampaignListWriter:
         self.out = Output()
         self._parquet: Any = None  # a pyarrow.parquet.ParquetWriter, once started
         self._started = False
+        self._md5 = hashlib.md5()  # noqa: S324 - the manifest's checksum, not security
 
     def add(self, audience: pl.DataFrame, attrs: pl.LazyFrame | None = None) -> None:
         rows = audience
@@ -105,7 +107,8 @@ class CampaignListWriter:
             self._parquet.write_table(arrow)
         else:
             with open(self.local, "ab" if self._started else "wb") as fh:
-                table.write_csv(fh, include_header=not self._started)
+                hashed: Any = Hashed(fh, self._md5)
+                table.write_csv(hashed, include_header=not self._started)
         self._started = True
 
     def finish(self) -> Output:
@@ -115,6 +118,8 @@ class CampaignListWriter:
                 "matched_on": pl.String, "delivery": pl.String}))
         self.close()
         self.out.files.append((self.path, self.local))
+        if self.dest.format != "parquet":
+            self.out.md5s[self.path] = self._md5.hexdigest()
         return self.out
 
     def close(self) -> None:
@@ -231,15 +236,16 @@ class InboundWriter:
             start += take
 
     def finish(self) -> Output:
-        parts = self._parts.close()
+        parts, digests = self._parts.close()
         if len(parts) >= PARTS:
             raise DeliveryFailed(f"destinations.{self.dest.name}: {len(parts)} files for one "
                                  f"delivery, at most {PARTS - 1}; raise max_lines_per_file")
         folder = inbound_folder(self.ts)
-        for n, local in enumerate(parts, start=1):
+        for n, (local, digest) in enumerate(zip(parts, digests, strict=True), start=1):
             name = inbound_file_name(self.dpid, self.ts, self.key.tag * PARTS + n,
                                      self.dest.gzip)
             self.out.files.append((f"{folder}/{name}", local))
+            self.out.md5s[f"{folder}/{name}"] = digest
         return self.out
 
     def close(self) -> None:
@@ -257,7 +263,9 @@ class _PartWriter:
     def __init__(self, folder: Path, gz: bool) -> None:
         self.folder, self.gz = folder, gz
         self.parts: list[Path] = []
+        self.digests: list[str] = []  # md5 of each closed part
         self._stack: ExitStack | None = None
+        self._md5: Any = None
         self._out: BinaryIO | None = None
         self._pool: ThreadPoolExecutor | None = ThreadPoolExecutor(1, "compress")
         self._pending: Future | None = None
@@ -267,8 +275,8 @@ class _PartWriter:
         assert self._pool is not None, "write after close"
         self._pending = self._pool.submit(self._write, data, new_part)
 
-    def close(self) -> list[Path]:
-        """Wait for every block, close the last part; the parts in order."""
+    def close(self) -> tuple[list[Path], list[str]]:
+        """Wait for every block, close the last part; the parts in order, and their md5s."""
         try:
             self._wait()
         finally:
@@ -276,7 +284,7 @@ class _PartWriter:
                 self._pool.shutdown()
                 self._pool = None
             self._end_part()
-        return self.parts
+        return self.parts, self.digests
 
     def _wait(self) -> None:
         pending, self._pending = self._pending, None
@@ -288,7 +296,8 @@ class _PartWriter:
             self._end_part()
             local = self.folder / f"part-{len(self.parts) + 1:05d}"
             self._stack = ExitStack()
-            self._out = self._stack.enter_context(_open_out(local, self.gz))
+            self._md5 = hashlib.md5()  # noqa: S324 - the manifest's checksum, not security
+            self._out = self._stack.enter_context(_open_out(local, self.gz, self._md5))
             self.parts.append(local)
         self._out.write(data)
 
@@ -296,6 +305,7 @@ class _PartWriter:
         stack, self._stack, self._out = self._stack, None, None
         if stack is not None:
             stack.close()
+            self.digests.append(self._md5.hexdigest())
 
 
 class ContactsWriter:
@@ -371,7 +381,7 @@ def _sealed(out: Output, seal: Encryptor, folder: Path) -> Output:
         local = folder / f"{n:05d}.pgp"
         seal.seal(data, local)
         files.append((f"{path}.pgp", local))
-    return replace(out, files=files)
+    return replace(out, files=files, md5s={})
 
 
 def check_names(store: Store, dest: DestinationConfig, key: DeliveryKey, out: Output,
@@ -385,7 +395,8 @@ def check_names(store: Store, dest: DestinationConfig, key: DeliveryKey, out: Ou
         return
     own = set(_previous_files(store, manifest_path(key)))
     for path, data in out.files:
-        if path not in own and store.exists(path) and _stored_md5(store, path) != _md5(data):
+        if (path not in own and store.exists(path)
+                and _stored_md5(store, path) != checksum(out, path, data)):
             raise DeliveryFailed(f"destinations.{dest.name}: {path} already holds another "
                                  "delivery's output; nothing published")
 
@@ -396,10 +407,11 @@ def write_outputs(store: Store, dest: DestinationConfig, key: DeliveryKey,
     the manifest last (a reader who trusts manifests never sees a partial delivery)."""
     manifest = manifest_path(key)
     previous = _previous_files(store, manifest)
+    sums = {p: checksum(out, p, d) for p, d in out.files}  # before a spool is moved away
     written = []
     for path, data in out.files:
-        if isinstance(data, Path):
-            store.put_file(str(data), path)
+        if isinstance(data, Path):  # a spool of this delivery's own: nothing reads it again
+            store.put_file(str(data), path, consume=True)
         else:
             store.write_bytes(path, data)
         written.append(path)
@@ -407,7 +419,7 @@ def write_outputs(store: Store, dest: DestinationConfig, key: DeliveryKey,
         store.delete(stale)
     listing = {
         "destination": dest.name, "feed": key.feed, "delivery": key.root, "rows": out.rows,
-        "files": {p: _md5(d) for p, d in out.files},
+        "files": sums,
     }
     store.write_bytes(manifest, json.dumps(listing, sort_keys=True, indent=1).encode())
     log.info("destination=%s delivery_files=%d rows=%d", dest.name, len(written), out.rows)
@@ -428,9 +440,25 @@ def _previous_files(store: Store, path: str) -> list[str]:
         return []
 
 
+class Hashed:
+    """A binary file that keeps the md5 of what is written through it: the manifest's
+    checksum without reading the file again (md5 releases the GIL on large blocks)."""
+
+    def __init__(self, raw: BinaryIO, md5: Any) -> None:
+        self.raw, self.md5 = raw, md5
+
+    def write(self, data: bytes) -> int:
+        self.md5.update(data)
+        return self.raw.write(data)
+
+    def flush(self) -> None:
+        self.raw.flush()
+
+
 @contextmanager
-def _open_out(path: Path, gz: bool) -> Iterator[BinaryIO]:
-    with open(path, "wb") as raw:
+def _open_out(path: Path, gz: bool, md5: Any) -> Iterator[BinaryIO]:
+    with open(path, "wb") as file:
+        raw: Any = Hashed(file, md5)
         if not gz:
             yield raw
             return
@@ -440,6 +468,11 @@ def _open_out(path: Path, gz: bool) -> Iterator[BinaryIO]:
         with igzip.IGzipFile(filename="", fileobj=raw, mode="wb", mtime=0,
                              compresslevel=1) as packed:
             yield packed  # type: ignore[misc]  # GzipFile is a binary file
+
+
+def checksum(out: Output, path: str, data: bytes | Path) -> str:
+    """md5 of one of out's files: kept by its writer, else read."""
+    return out.md5s.get(path) or _md5(data)
 
 
 def _md5(data: bytes | Path) -> str:

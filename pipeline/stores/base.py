@@ -84,8 +84,10 @@ class Store(Protocol):
         False if it existed. Atomic (of two racing calls exactly one gets True) and whole
         (readers never see a part of data)."""
 
-    def put_file(self, local_path: str, path: str) -> None:
-        """Atomic upload of a local file to path (same guarantee as write_bytes)."""
+    def put_file(self, local_path: str, path: str, consume: bool = False) -> None:
+        """Atomic upload of a local file to path (same guarantee as write_bytes).
+        `consume`: the caller is done with the local file; a store may move it instead of
+        copying (it is then gone)."""
 
     def delete(self, path: str) -> None:
         """Remove a file; a missing file is not an error."""

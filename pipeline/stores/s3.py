@@ -102,7 +102,7 @@ class S3Store:
             return False
         return True
 
-    def put_file(self, local_path: str, path: str) -> None:
+    def put_file(self, local_path: str, path: str, consume: bool = False) -> None:
         # upload_file goes multipart for large files and aborts the upload on error.
         with self._errors(path):
             self._client.upload_file(

@@ -190,7 +190,7 @@ class SftpStore:
                     with suppress(OSError):
                         self._sftp_client.remove(part)
 
-    def put_file(self, local_path: str, path: str) -> None:
+    def put_file(self, local_path: str, path: str, consume: bool = False) -> None:
         self._atomic(path, lambda part: self._sftp.put(local_path, part))
 
     def delete(self, path: str) -> None:

@@ -1,5 +1,6 @@
 """One store contract, run against local disk, S3 (moto server) and SFTP (OpenSSH sshd)."""
 
+import errno
 import gzip
 import logging
 import os
@@ -145,6 +146,17 @@ class TestStoreContract:
         assert store.read_bytes("deep/er/file.csv") == BINARY
         assert [n.rsplit("/", 1)[-1] for n in raw_names(store)] == ["file.csv"]
 
+    def test_put_file_consumed(self, store: Store, tmp_path: Path) -> None:
+        """A spool the caller is done with: published whole, replacing; a local store moves
+        it (no copy), the others upload it."""
+        for n, data in enumerate((BINARY, b"second")):
+            local = tmp_path / f"spool-{n}"
+            local.write_bytes(data)
+            store.put_file(str(local), "out/file.gz", consume=True)
+            assert store.read_bytes("out/file.gz") == data
+            assert local.exists() is (store.url.startswith(("s3://", "sftp://")))
+        assert [n.rsplit("/", 1)[-1] for n in raw_names(store)] == ["file.gz"]
+
     def test_missing_file_is_file_not_found(self, store: Store) -> None:
         for call in (
             lambda: store.read_bytes("nope"),
@@ -238,6 +250,27 @@ def test_s3_server_side_encryption(make_bucket: Callable[[], str], tmp_path: Pat
     client = boto3.client("s3")
     for key in ("p/a", "p/b"):
         assert client.head_object(Bucket=bucket, Key=key)["ServerSideEncryption"] == "AES256"
+
+
+def test_local_consumed_file_from_another_file_system_is_copied(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """rename(2) cannot cross file systems (EXDEV): the spool is then copied, atomically."""
+    store = open_store(str(tmp_path / "root"))
+    local = tmp_path / "spool"
+    local.write_bytes(BINARY)
+    real = os.rename
+
+    def cross_device(src: object, dst: object) -> None:
+        if str(src) == str(local):
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        real(src, dst)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "rename", cross_device)
+    store.put_file(str(local), "a/b.csv", consume=True)
+    assert store.read_bytes("a/b.csv") == BINARY
+    assert [p.name for p in (tmp_path / "root" / "a").iterdir()] == ["b.csv"]
+    assert oct((tmp_path / "root" / "a" / "b.csv").stat().st_mode & 0o777) == oct(
+        local.stat().st_mode & 0o777)
 
 
 def test_sftp_fixture_is_openssh(sftp_server: servers.SftpServer) -> None:
