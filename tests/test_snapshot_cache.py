@@ -126,12 +126,12 @@ def test_failing_cache_write_leaves_no_cache_and_the_run_succeeds(
     real = LocalStore.put_file
     puts: list[str] = []
 
-    def second_part_fails(self, local_path: str, path: str) -> None:
+    def second_part_fails(self, local_path: str, path: str, consume: bool = False) -> None:
         if path.startswith(snapshot.CACHE_FOLDER):
             puts.append(path)
             if len(puts) == 2:  # the first part is in the store already
                 raise error
-        real(self, local_path, path)
+        real(self, local_path, path, consume)
 
     monkeypatch.setattr(LocalStore, "put_file", second_part_fails)
     cfg = _config(tmp_path, data, "night")
@@ -162,10 +162,10 @@ def test_the_cache_is_written_while_the_delivery_goes_on(tmp_path, data, monkeyp
     real_put = LocalStore.put_file
     waited: list[bool] = []
 
-    def put_file(self, local_path: str, path: str) -> None:
+    def put_file(self, local_path: str, path: str, consume: bool = False) -> None:
         if path.startswith(snapshot.CACHE_FOLDER) and not waited:
             waited.append(published.wait(timeout=15))  # False: the delivery waited for us
-        real_put(self, local_path, path)
+        real_put(self, local_path, path, consume)
 
     real_write = LocalStore.write_bytes
     locked: list[bool] = []
