@@ -528,16 +528,35 @@ def inbound_pieces(rows: pl.DataFrame, dpuuids: pl.Series | None = None) -> pl.D
 
 
 def _ranked_signals(rows: pl.DataFrame) -> pl.DataFrame:
-    """`_lines` over one UInt64 per row: DPUUID rank, trait index, removal bit."""
+    """`_lines` over one UInt64 per row, in one sort: (DPUUID rank, removal bit, trait index)
+    is the line order itself. Exact repeats are neighbours; a removal whose (DPUUID, trait)
+    is also added (the add wins) is found among the adds, which that order keeps sorted by
+    (rank, trait). A second, stable sort by line took ~20% more."""
     traits = rows.get_column("trait_id").cast(pl.Int64).unique().sort()
     trait = pl.lit(traits).search_sorted(pl.col("trait_id").cast(pl.Int64)).cast(pl.UInt64)
     removal = (pl.col("action") != "add").cast(pl.UInt64)
-    key = pl.col("order").cast(pl.UInt64) * (1 << 32) + trait * 2 + removal
-    packed = rows.lazy().select(_key=key, trait_id=pl.col("trait_id").cast(pl.Int64),
-                                _removal=removal.cast(pl.Boolean),
-                                _row=pl.int_range(pl.len(), dtype=pl.UInt32))
-    return _lines(packed.sort("_key"), pl.col("_key") // (1 << 32), pl.col("_key") // 2,
-                  lambda line: [line.cast(pl.UInt64) * 2 + pl.col("_removal").cast(pl.UInt64)])
+    key = pl.col("order").cast(pl.UInt64) * (1 << 32) + removal * (1 << 31) + trait
+    ordered = (rows.lazy().select(_key=key, trait_id=pl.col("trait_id").cast(pl.Int64),
+                                  _removal=removal.cast(pl.Boolean),
+                                  _row=pl.int_range(pl.len(), dtype=pl.UInt32))
+               .sort("_key").collect())
+    keys, removals = ordered.get_column("_key"), ordered.get_column("_removal")
+    pair = (keys // (1 << 32)) * (1 << 31) + keys % (1 << 31)  # (rank, trait)
+    adds, removed = pair.filter(~removals), pair.filter(removals)
+    shadowed = pl.zeros(len(keys), pl.Boolean, eager=True)
+    if len(adds) and len(removed):
+        at = adds.search_sorted(removed).clip(upper_bound=len(adds) - 1)
+        shadowed = shadowed.scatter(removals.arg_true().filter(adds.gather(at) == removed),
+                                    True)
+    keep = ~(keys == keys.shift(1)).fill_null(False) & ~shadowed
+    ident = pl.col("_key") // (1 << 32)
+    first = (ident != ident.shift(1)).fill_null(True)
+    last = (ident != ident.shift(-1)).fill_null(True)
+    return (ordered.lazy().filter(keep)
+            .select(line=(first.cum_sum() - 1).cast(pl.UInt32), trait_id=pl.col("trait_id"),
+                    _removal=pl.col("_removal"), _first=first, _last=last,
+                    _row=pl.when(first).then(pl.col("_row")))
+            .collect())
 
 
 def _sorted_signals(rows: pl.DataFrame) -> pl.DataFrame:
