@@ -60,6 +60,9 @@ class Snapshots:
         self._store, self._files = _open(location)
         self._spill = Spill(os.path.join(workdir, "profiles"))
         self._normalized: dict[str, int] = {}  # partition label -> profile count
+        # partition label -> profile buckets its normalized table is split into (1: one part
+        # per slice; a first index of several buckets splits it as it is written)
+        self._layout: dict[str, int] = {}
         self._indexes: dict[tuple, ProfileIndex] = {}
         self._attrs: set[str] = set()  # attribute spills written (per partition and buckets)
         self.reused: set[str] = set()  # partitions whose normalized index came from the cache
@@ -91,20 +94,23 @@ class Snapshots:
         """
         label, paths = _choose(self._files, as_of, self.location.url)
         if label not in self._normalized:
-            self._normalized[label] = self._normalize(label, paths)
+            self._normalized[label] = self._normalize(label, paths, buckets)
         ikey = (label, kinds, buckets, match_column)
         if ikey not in self._indexes:
             self._indexes[ikey] = self._bucketize(label, kinds, buckets, match_column)
         if label in self._unsaved and self.cache is not None:
             # Only now that the delivery can be matched: written while it is.
             fingerprint, total = self._unsaved.pop(label)
-            self.cache.save_later(fingerprint, self._spill.parts(_name("normalized", label)),
-                                  total)
+            self.cache.save_later(fingerprint, self._normalized_parts(label), total)
         return self._indexes[ikey]
 
-    def _normalize(self, label: str, paths: list[str]) -> int:
+    def _normalize(self, label: str, paths: list[str], buckets: int) -> int:
+        """The normalized table in slices, each split by profile bucket as it is written
+        (so a first index of that many buckets reads it as it is: no second shuffle of the
+        whole table). Restored from the cache: one part per cached part."""
         local = [self._fetch(p) for p in paths]
         name = _name("normalized", label)
+        self._layout[label] = 1
         fingerprint = None
         if self.cache is not None:
             fingerprint = self._fingerprint(paths, local)
@@ -120,7 +126,10 @@ class Snapshots:
         for offset in range(0, max(total, 1), SLICE_ROWS):
             table = profile_table(scan.slice(offset, SLICE_ROWS), self.default_country,
                                   kinds)
-            self._spill.write(name, table.collect())
+            if buckets > 1:
+                table = table.with_columns(_b=text_bucket(pl.col("profile_id"), buckets))
+            self._spill.write(name, table.collect(), bucket="_b" if buckets > 1 else None)
+        self._layout[label] = buckets
         log.info("snapshot=%s profiles=%d kinds=%s", label or "single", total, ",".join(kinds))
         if fingerprint is not None:
             self._unsaved[label] = (fingerprint, total)
@@ -169,7 +178,7 @@ class Snapshots:
             self._shuffle_keys(rows_name, keys_name, kinds, buckets, match_column)
         phones = None
         if "phone" in kinds and label not in self.reused:  # the cache holds no numbers
-            normalized = self._spill.scan(_name("normalized", label))
+            normalized = self._normalized_scan(label)
             phones = known_phones(normalized).collect() if normalized is not None else None
         return ProfileIndex(self._spill, keys_name, attrs_name, buckets, phones)
 
@@ -196,15 +205,18 @@ class Snapshots:
         instead of profile_id strings; number order is profile_id order. Writes each
         bucket's attributes; with several buckets also its numbered rows (the keys' source),
         with one returns them (rebuilt from the normalized table when needed again)."""
-        if buckets > 1:
-            for part in self._spill.parts(_name("normalized", label)):
+        split = buckets > 1 and self._layout[label] == buckets  # split as it was normalized
+        if buckets > 1 and not split:
+            for part in self._normalized_parts(label):
                 self._spill.write(rows_name, pl.scan_ipc(part).drop(UNCACHED, strict=False)
                                   .with_columns(_b=text_bucket(pl.col("profile_id"), buckets))
                                   .collect(), bucket="_b")
         numbered = None
         repeats = 0  # profile IDs seen twice: all copies of one ID share its bucket
         for b in range(buckets):
-            rows = self._spill.scan(rows_name, b) if buckets > 1 else self._normalized_rows(label)
+            rows = (self._normalized_rows(label) if buckets == 1
+                    else self._normalized_rows(label, b) if split
+                    else self._spill.scan(rows_name, b))
             if rows is None:
                 continue
             numbered = _numbered(rows, b)
@@ -221,8 +233,18 @@ class Snapshots:
                              f"profile snapshot {self.location.url}", self.names.columns)
         return numbered if buckets == 1 else None
 
-    def _normalized_rows(self, label: str) -> pl.LazyFrame | None:
-        rows = self._spill.scan(_name("normalized", label))
+    def _normalized_parts(self, label: str, bucket: int | None = None) -> list[Path]:
+        """Parts of the normalized table: of one profile bucket, or (None) all of them."""
+        name = _name("normalized", label)
+        wanted = range(self._layout[label]) if bucket is None else [bucket]
+        return [part for b in wanted for part in self._spill.parts(name, b)]
+
+    def _normalized_scan(self, label: str, bucket: int | None = None) -> pl.LazyFrame | None:
+        parts = self._normalized_parts(label, bucket)
+        return pl.scan_ipc(parts) if parts else None
+
+    def _normalized_rows(self, label: str, bucket: int | None = None) -> pl.LazyFrame | None:
+        rows = self._normalized_scan(label, bucket)
         return rows.drop(UNCACHED, strict=False) if rows is not None else None
 
     def _fetch(self, path: str) -> str:
