@@ -22,7 +22,7 @@ import polars as pl
 from pipeline.config import Location
 from pipeline.errors import FatalError, SchemaError
 from pipeline.formats import hex_order
-from pipeline.spill import Spill, WorkArea, key_bucket, text_bucket
+from pipeline.spill import Spill, WorkArea, key_bucket, rows_in, text_bucket
 from pipeline.stages.join import (
     MATCH_PREFIX,
     known_phones,
@@ -101,7 +101,7 @@ class Snapshots:
         if label in self._unsaved and self.cache is not None:
             # Only now that the delivery can be matched: written while it is.
             fingerprint, total = self._unsaved.pop(label)
-            self.cache.save_later(fingerprint, self._normalized_parts(label), total)
+            self.cache.save_later(fingerprint, self._cache_parts(label), total)
         return self._indexes[ikey]
 
     def _normalize(self, label: str, paths: list[str], buckets: int) -> int:
@@ -239,6 +239,19 @@ class Snapshots:
         wanted = range(self._layout[label]) if bucket is None else [bucket]
         return [part for b in wanted for part in self._spill.parts(name, b)]
 
+    def _cache_parts(self, label: str) -> list[list[Path]]:
+        """The normalized parts in groups of about SLICE_ROWS rows, one cache file each: a
+        table split into many profile buckets must not become thousands of small files."""
+        groups: list[list[Path]] = [[]]
+        rows = 0
+        for part in self._normalized_parts(label):
+            if rows >= SLICE_ROWS:
+                groups.append([])
+                rows = 0
+            groups[-1].append(part)
+            rows += rows_in(part)
+        return [g for g in groups if g]
+
     def _normalized_scan(self, label: str, bucket: int | None = None) -> pl.LazyFrame | None:
         parts = self._normalized_parts(label, bucket)
         return pl.scan_ipc(parts) if parts else None
@@ -346,7 +359,7 @@ class IndexCache:
         self.used.add(fingerprint)
         return int(doc["profiles"])
 
-    def save_later(self, fingerprint: str, parts: list[Path], total: int) -> None:
+    def save_later(self, fingerprint: str, parts: list[list[Path]], total: int) -> None:
         """Queue `save` on the writer thread (the spill parts stay until the run ends)."""
         if self._pool is None:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="index-cache")
@@ -359,7 +372,7 @@ class IndexCache:
             self._pool.shutdown(wait=True)
             self._pool = None
 
-    def _save_quietly(self, fingerprint: str, parts: list[Path], total: int) -> None:
+    def _save_quietly(self, fingerprint: str, parts: list[list[Path]], total: int) -> None:
         # The cache is an optimization: whatever goes wrong, the run goes on (the next one
         # rebuilds), and without index.json nothing written here is ever read.
         try:
@@ -377,18 +390,20 @@ class IndexCache:
             if store is not self.store:
                 store.close()
 
-    def save(self, fingerprint: str, parts: list[Path], total: int,
+    def save(self, fingerprint: str, parts: list[list[Path]], total: int,
              store: Store | None = None) -> bool:
-        """Store the normalized parts (without plain phone numbers), then drop caches of
-        snapshots this run did not use. False when stopped (`finish(abort=True)`) first."""
+        """Store the normalized parts (without plain phone numbers), each group of parts as
+        one file, then drop caches of snapshots this run did not use. False when stopped
+        (`finish(abort=True)`) first."""
         store = store or self.store
         names = []
-        for n, part in enumerate(parts):
+        for n, group in enumerate(parts):
             if self._stop.is_set():
                 _remove_quietly(store, f"{CACHE_FOLDER}/{fingerprint}/")
                 return False
-            local = part.with_suffix(".cache")
-            pl.scan_ipc(part).drop(UNCACHED, strict=False).sink_ipc(local, compression="zstd")
+            local = group[0].with_suffix(".cache")
+            (pl.scan_ipc(group).drop(UNCACHED, strict=False)
+             .sink_ipc(local, compression="zstd"))
             names.append(f"part-{n:06d}.arrow")
             try:
                 store.put_file(str(local), f"{CACHE_FOLDER}/{fingerprint}/{names[-1]}")

@@ -162,7 +162,7 @@ class Spill:
         if self._held:
             return _batches([(f.height, f) for f in self._held_frames(name, bucket)],
                             max_rows)
-        return _batches([(_rows_in(p), p) for p in self.parts(name, bucket)], max_rows)
+        return _batches([(rows_in(p), p) for p in self.parts(name, bucket)], max_rows)
 
     def release(self, name: str) -> None:
         """Forget every part of `name` (read for the last time)."""
@@ -229,7 +229,7 @@ class StoreSpill:
         return pl.scan_ipc(parts) if parts else None
 
     def batches(self, name: str, bucket: int, max_rows: int) -> list[pl.LazyFrame]:
-        return _batches([(_rows_in(p), p) for p in self._fetch(name, bucket)], max_rows)
+        return _batches([(rows_in(p), p) for p in self._fetch(name, bucket)], max_rows)
 
     def release(self, name: str) -> None:
         for entry in self.store.list(f"{name}/"):
@@ -304,7 +304,8 @@ def _scan(parts: list[Any]) -> pl.LazyFrame:
     return pl.scan_ipc(parts)
 
 
-def _rows_in(path: Path) -> int:
+def rows_in(path: Path) -> int:
+    """Rows of an IPC file, from its footer."""
     return int(pl.scan_ipc(path).select(pl.len()).collect().item())
 
 

@@ -11,6 +11,7 @@ import pytest
 from localdev.generate import KEY_ENV, GenerateSpec, demo_key, generate
 from pipeline import snapshot
 from pipeline.cli import main
+from pipeline.config import Location
 from pipeline.lock import LOCK_PATH
 from pipeline.stages import publish
 from pipeline.stores.local import LocalStore
@@ -182,3 +183,31 @@ def test_the_cache_is_written_while_the_delivery_goes_on(tmp_path, data, monkeyp
     assert waited == [True]
     assert locked == [True]
     assert len(_cached(tmp_path / "night/state")) == 1
+
+
+def test_a_table_split_by_bucket_is_cached_in_slices(tmp_path, monkeypatch):
+    """A first index of 4 buckets splits the normalized table into 4 x 4 parts; the cache
+    keeps about SLICE_ROWS rows per file (4 files, not 16), and a later run restores from it
+    the same index."""
+    monkeypatch.setattr(snapshot, "SLICE_ROWS", 50)
+    path = tmp_path / "snapshot.parquet"
+    pl.DataFrame({"profile_id": [f"P{n}" for n in range(200)],
+                  "email": [f"u{n}@example.com" for n in range(200)],
+                  "opt_out": [False] * 200}).write_parquet(path)
+    state = LocalStore(str(tmp_path / "state"))
+
+    def key_to_profile(work: str) -> tuple[dict[str, str], set[str]]:
+        snaps = snapshot.Snapshots(Location(str(path)), None, str(tmp_path / work),
+                                   ("email",), cache=state)
+        index = snaps.index(None, ("email",), 4)
+        snaps.finish_cache()
+        attrs = {b: index.attributes(b).collect()["profile_id"] for b in range(4)}
+        keys = pl.concat([index.keys(b).collect() for b in range(4)])
+        return ({k: attrs[b][n] for k, b, n in keys.select("key", "pb", "pnum").iter_rows()},
+                snaps.reused)
+
+    first, reused = key_to_profile("night1")
+    assert not reused and len(first) == 200
+    assert len([f for f in _cache_files(tmp_path / "state") if f.suffix == ".arrow"]) == 4
+    again, reused = key_to_profile("night2")
+    assert reused == {""} and again == first
