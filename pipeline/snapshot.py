@@ -170,7 +170,7 @@ class Snapshots:
         if buckets == 1:  # one bucket of each: no shuffle between them, no numbered spill
             if numbered is None:
                 rows = self._normalized_rows(label)
-                numbered = _numbered(rows, 0) if rows is not None else None
+                numbered = _numbered(rows, 0)[0] if rows is not None else None
             if numbered is not None:
                 keys = profile_keys(numbered.lazy(), kinds, match_column, carry=NUMBER)
                 self._spill.replace(keys_name, 0, keys.select(KEY_COLUMNS).collect())
@@ -219,13 +219,13 @@ class Snapshots:
                     else self._spill.scan(rows_name, b))
             if rows is None:
                 continue
-            numbered = _numbered(rows, b)
-            ids = numbered.get_column("profile_id")
-            repeats += int((ids == ids.shift(1)).sum())  # sorted: copies are neighbours
-            numbered = numbered.with_columns(
-                email_order=hex_order(numbered.get_column("email_key")))
+            numbered, found = _numbered(rows, b)
+            repeats += found
             if buckets > 1:  # one spill for keys and attributes (disk: 50M profiles)
                 self._spill.replace(rows_name, b, numbered)
+                # not held while the next bucket is sorted: two buckets at once set the
+                # peak of large runs (beside the first delivery's pass 1)
+                numbered = None
             else:
                 self._spill.replace(attrs_name, b, numbered.select(ATTR_COLUMNS))
         if repeats:
@@ -455,10 +455,16 @@ class ProfileIndex:
             schema={**{c: pl.String for c in ATTRS}, "email_order": pl.UInt32})
 
 
-def _numbered(rows: pl.LazyFrame, bucket: int) -> pl.DataFrame:
-    return (rows.sort("profile_id").with_row_index("pnum")
-            .with_columns(pl.col("pnum").cast(pl.UInt32), pb=pl.lit(bucket, pl.UInt32))
-            .collect())
+def _numbered(rows: pl.LazyFrame, bucket: int) -> tuple[pl.DataFrame, int]:
+    """One profile bucket sorted by profile_id, numbered, with its digests' `email_order`;
+    and how many profile IDs in it repeat the one before (duplicates: neighbours once
+    sorted)."""
+    numbered = (rows.sort("profile_id").with_row_index("pnum")
+                .with_columns(pl.col("pnum").cast(pl.UInt32), pb=pl.lit(bucket, pl.UInt32))
+                .collect())
+    ids = numbered.get_column("profile_id")
+    repeats = int((ids == ids.shift(1)).sum())
+    return numbered.with_columns(email_order=hex_order(numbered.get_column("email_key"))), repeats
 
 
 def _empty_keys() -> pl.LazyFrame:
