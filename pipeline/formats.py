@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import Any
@@ -507,12 +507,12 @@ def inbound_pieces(rows: pl.DataFrame, dpuuids: pl.Series | None = None) -> pl.D
     """The text of `inbound_lines` (no signal limit) as one piece per signal, in line order.
 
     Columns `line` (0-based line number) and `text`; joining the pieces of lines a..b gives
-    those lines, each ending in a newline. One sort by (DPUUID, trait, removal) puts every
-    repeat of a (DPUUID, trait) next to its add, so neighbours settle duplicates and lines
-    without any group-by on 64-char strings; a stable sort then puts adds first.
-    An `order` column without nulls (`hex_order` of SHA-256 DPUUIDs) ranks the DPUUIDs:
-    both sorts then run on one packed integer. Either way the DPUUID strings are never moved
-    by a sort, only picked once per line. With `dpuuids` (SHA-256 digests, ranked by
+    those lines, each ending in a newline. Sorts put repeats of a (DPUUID, trait) next to
+    each other, so neighbours settle duplicates and lines without any group-by on 64-char
+    strings. An `order` column without nulls (`hex_order` of SHA-256 DPUUIDs) ranks the
+    DPUUIDs: one sort on a packed integer then gives the lines (`_ranked_signals`);
+    otherwise the strings are sorted (`_sorted_signals`). Either way the DPUUID strings are
+    never moved by a sort, only picked once per line. With `dpuuids` (SHA-256 digests, ranked by
     `order`), rows carry `pnum`, their DPUUID's position in it, instead of the string.
     """
     ranked = "order" in rows.columns and not rows.get_column("order").has_nulls()
@@ -528,7 +528,7 @@ def inbound_pieces(rows: pl.DataFrame, dpuuids: pl.Series | None = None) -> pl.D
 
 
 def _ranked_signals(rows: pl.DataFrame) -> pl.DataFrame:
-    """`_lines` over one UInt64 per row, in one sort: (DPUUID rank, removal bit, trait index)
+    """Signals over one UInt64 per row, in one sort: (DPUUID rank, removal bit, trait index)
     is the line order itself. Exact repeats are neighbours; a removal whose (DPUUID, trait)
     is also added (the add wins) is found among the adds, which that order keeps sorted by
     (rank, trait). A second, stable sort by line took ~20% more."""
@@ -549,45 +549,38 @@ def _ranked_signals(rows: pl.DataFrame) -> pl.DataFrame:
         shadowed = shadowed.scatter(removals.arg_true().filter(adds.gather(at) == removed),
                                     True)
     keep = ~(keys == keys.shift(1)).fill_null(False) & ~shadowed
-    ident = pl.col("_key") // (1 << 32)
-    first = (ident != ident.shift(1)).fill_null(True)
-    last = (ident != ident.shift(-1)).fill_null(True)
-    return (ordered.lazy().filter(keep)
-            .select(line=(first.cum_sum() - 1).cast(pl.UInt32), trait_id=pl.col("trait_id"),
-                    _removal=pl.col("_removal"), _first=first, _last=last,
-                    _row=pl.when(first).then(pl.col("_row")))
-            .collect())
+    return _line_signals(ordered.lazy().filter(keep), pl.col("_key") // (1 << 32))
 
 
 def _sorted_signals(rows: pl.DataFrame) -> pl.DataFrame:
-    """`_lines` over the DPUUID strings themselves."""
+    """Signals over the DPUUID strings themselves: one sort by (DPUUID, trait, removal) puts
+    every repeat of a (DPUUID, trait) after its add (which wins), neighbours drop them, and a
+    stable sort on the line number puts adds first."""
+    ident = pl.col("dpuuid")
+    pair = pl.struct("dpuuid", "trait_id")
+    line = ((ident != ident.shift(1)).fill_null(True).cum_sum() - 1).cast(pl.UInt32)
     ordered = (rows.lazy()
                .select("dpuuid", pl.col("trait_id").cast(pl.Int64),
                        _removal=pl.col("action") != "add",
                        _row=pl.int_range(pl.len(), dtype=pl.UInt32))
-               .sort("dpuuid", "trait_id", "_removal"))
-    return _lines(ordered, pl.col("dpuuid"), pl.struct("dpuuid", "trait_id"),
-                  lambda line: [line, pl.col("_removal")])
+               .sort("dpuuid", "trait_id", "_removal")
+               .filter((pair != pair.shift(1)).fill_null(True))
+               .with_columns(_line=line)
+               .sort("_line", "_removal", maintain_order=True))  # traits stay ascending
+    return _line_signals(ordered, ident)
 
 
-def _lines(ordered: pl.LazyFrame, ident: pl.Expr, pair: pl.Expr,
-           line_order: Callable[[pl.Expr], list[pl.Expr]]) -> pl.DataFrame:
-    """Signals of rows sorted by (DPUUID, trait, removal) (an add before its removal: it
-    wins), repeats of a (DPUUID, trait) dropped, numbered by line and put adds first:
+def _line_signals(ordered: pl.LazyFrame, ident: pl.Expr) -> pl.DataFrame:
+    """Signals already in line order (adds first, traits ascending), repeats dropped, as
     (line, trait_id, _removal, _first, _last, _row: the row's index where it starts a line).
-    `ident`/`pair` are equal exactly where DPUUIDs / (DPUUID, trait) are."""
+    `ident` is equal exactly where the DPUUIDs are."""
     first = (ident != ident.shift(1)).fill_null(True)
     last = (ident != ident.shift(-1)).fill_null(True)
-    line = (first.cum_sum() - 1).cast(pl.UInt32)
-    return (
-        ordered
-        .filter((pair != pair.shift(1)).fill_null(True))
-        .with_columns(line=line)
-        .sort(*line_order(pl.col("line")), maintain_order=True)  # adds first, traits ascending
-        .select("line", "trait_id", "_removal", _first=first, _last=last,
-                _row=pl.when(first).then(pl.col("_row")))
-        .collect()
-    )
+    return (ordered
+            .select(line=(first.cum_sum() - 1).cast(pl.UInt32), trait_id=pl.col("trait_id"),
+                    _removal=pl.col("_removal"), _first=first, _last=last,
+                    _row=pl.when(first).then(pl.col("_row")))
+            .collect())
 
 
 def _signals(rows: pl.DataFrame) -> pl.Series:
