@@ -80,9 +80,7 @@ class LocalStore:
     def create_exclusive(self, path: str, data: bytes) -> bool:
         """Written to a temp file, then hard-linked to path: link(2) fails if path exists,
         and the file appears with all its content (O_EXCL alone would show it empty first)."""
-        target = self._path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        temp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.part")
+        target, temp = self._target(path)
         try:
             with temp.open("xb") as out:
                 out.write(data)
@@ -110,9 +108,7 @@ class LocalStore:
     def _move_in(self, local_path: str, path: str) -> bool:
         """The file itself renamed into place, flushed first: no copy (an output of hundreds
         of MB took seconds to copy). False when it is on another file system."""
-        target = self._path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        temp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.part")
+        target, temp = self._target(path)
         with open(local_path, "rb") as src:
             os.fsync(src.fileno())
         try:
@@ -136,10 +132,15 @@ class LocalStore:
     def close(self) -> None:
         pass
 
-    def _atomic_write(self, path: str, write: Callable[[BinaryIO], object]) -> None:
+    def _target(self, path: str) -> tuple[Path, Path]:
+        """Where path lives (its folder made), and a temporary name beside it that `list`
+        never shows."""
         target = self._path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
-        temp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.part")
+        return target, target.with_name(f".{target.name}.{secrets.token_hex(4)}.part")
+
+    def _atomic_write(self, path: str, write: Callable[[BinaryIO], object]) -> None:
+        target, temp = self._target(path)
         try:
             with temp.open("xb") as out:
                 write(out)
