@@ -170,7 +170,7 @@ class Snapshots:
         if buckets == 1:  # one bucket of each: no shuffle between them, no numbered spill
             if numbered is None:
                 rows = self._normalized_rows(label)
-                numbered = _numbered(rows, 0)[0] if rows is not None else None
+                numbered = _numbered(rows, 0) if rows is not None else None
             if numbered is not None:
                 keys = profile_keys(numbered.lazy(), kinds, match_column, carry=NUMBER)
                 self._spill.replace(keys_name, 0, keys.select(KEY_COLUMNS).collect())
@@ -219,7 +219,7 @@ class Snapshots:
                     else self._spill.scan(rows_name, b))
             if rows is None:
                 continue
-            numbered, found = _numbered(rows, b)
+            numbered, found = _with_attributes(rows, b)
             repeats += found
             if buckets > 1:  # one spill for keys and attributes (disk: 50M profiles)
                 self._spill.replace(rows_name, b, numbered)
@@ -455,13 +455,16 @@ class ProfileIndex:
             schema={**{c: pl.String for c in ATTRS}, "email_order": pl.UInt32})
 
 
-def _numbered(rows: pl.LazyFrame, bucket: int) -> tuple[pl.DataFrame, int]:
-    """One profile bucket sorted by profile_id, numbered, with its digests' `email_order`;
-    and how many profile IDs in it repeat the one before (duplicates: neighbours once
-    sorted)."""
-    numbered = (rows.sort("profile_id").with_row_index("pnum")
-                .with_columns(pl.col("pnum").cast(pl.UInt32), pb=pl.lit(bucket, pl.UInt32))
-                .collect())
+def _numbered(rows: pl.LazyFrame, bucket: int) -> pl.DataFrame:
+    return (rows.sort("profile_id").with_row_index("pnum")
+            .with_columns(pl.col("pnum").cast(pl.UInt32), pb=pl.lit(bucket, pl.UInt32))
+            .collect())
+
+
+def _with_attributes(rows: pl.LazyFrame, bucket: int) -> tuple[pl.DataFrame, int]:
+    """One profile bucket numbered, with its digests' `email_order`; and how many profile
+    IDs in it repeat the one before (duplicates: neighbours once sorted)."""
+    numbered = _numbered(rows, bucket)
     ids = numbered.get_column("profile_id")
     repeats = int((ids == ids.shift(1)).sum())
     return numbered.with_columns(email_order=hex_order(numbered.get_column("email_key"))), repeats

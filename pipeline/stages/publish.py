@@ -107,7 +107,7 @@ class CampaignListWriter:
             self._parquet.write_table(arrow)
         else:
             with open(self.local, "ab" if self._started else "wb") as fh:
-                hashed: Any = Hashed(fh, self._md5)
+                hashed: Any = _Hashed(fh, self._md5)
                 table.write_csv(hashed, include_header=not self._started)
         self._started = True
 
@@ -402,7 +402,7 @@ def check_names(store: Store, dest: DestinationConfig, key: DeliveryKey, out: Ou
     own = set(_previous_files(store, manifest_path(key)))
     for path, data in out.files:
         if (path not in own and store.exists(path)
-                and _stored_md5(store, path) != checksum(out, path, data)):
+                and _stored_md5(store, path) != _checksum(out, path, data)):
             raise DeliveryFailed(f"destinations.{dest.name}: {path} already holds another "
                                  "delivery's output; nothing published")
 
@@ -413,7 +413,7 @@ def write_outputs(store: Store, dest: DestinationConfig, key: DeliveryKey,
     the manifest last (a reader who trusts manifests never sees a partial delivery)."""
     manifest = manifest_path(key)
     previous = _previous_files(store, manifest)
-    sums = {p: checksum(out, p, d) for p, d in out.files}  # before a spool is moved away
+    sums = {p: _checksum(out, p, d) for p, d in out.files}  # before a spool is moved away
     written = []
     for path, data in out.files:
         if isinstance(data, Path):  # a spool of this delivery's own: nothing reads it again
@@ -446,7 +446,7 @@ def _previous_files(store: Store, path: str) -> list[str]:
         return []
 
 
-class Hashed:
+class _Hashed:
     """A binary file that keeps the md5 of what is written through it: the manifest's
     checksum without reading the file again (md5 releases the GIL on large blocks)."""
 
@@ -464,7 +464,7 @@ class Hashed:
 @contextmanager
 def _open_out(path: Path, gz: bool, md5: Any) -> Iterator[BinaryIO]:
     with open(path, "wb") as file:
-        raw: Any = Hashed(file, md5)
+        raw: Any = _Hashed(file, md5)
         if not gz:
             yield raw
             return
@@ -476,7 +476,7 @@ def _open_out(path: Path, gz: bool, md5: Any) -> Iterator[BinaryIO]:
             yield packed  # type: ignore[misc]  # GzipFile is a binary file
 
 
-def checksum(out: Output, path: str, data: bytes | Path) -> str:
+def _checksum(out: Output, path: str, data: bytes | Path) -> str:
     """md5 of one of out's files: kept by its writer, else read."""
     return out.md5s.get(path) or _md5(data)
 
