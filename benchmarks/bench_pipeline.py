@@ -235,6 +235,9 @@ def side_command(side: str, config: Path, duckdb_memory: str | None = None,
         root = baseline if side == "baseline" and baseline else ROOT
         return [sys.executable, str(root / "run_pipeline.py"), "run", "--config", str(config),
                 "--json"]
+    if side == "polars":  # the lean polars script: the product's stack, in memory
+        return [sys.executable, str(ROOT / "benchmarks" / "polars_email.py"), "--config",
+                str(config)]
     if workload != "mixed":  # the lean script written for the email workloads
         return [sys.executable, str(ROOT / "benchmarks" / "duckdb_email.py"), "--config",
                 str(config), "--json"]
@@ -271,7 +274,7 @@ def compare(a: Path, b: Path, pipeline: dict, reference: dict) -> tuple[list[str
     for key in COUNTS:
         if totals_a.get(key) != totals_b.get(key):
             problems.append(f"count {key}: pipeline {totals_a.get(key)} "
-                            f"vs duckdb {totals_b.get(key)}")
+                            f"vs reference {totals_b.get(key)}")
     rows_a = {d["delivery"]: d.get("rows_written") for d in pipeline.get("deliveries", [])}
     rows_b = {d["delivery"]: d.get("rows_written") for d in reference.get("deliveries", [])}
     if rows_a != rows_b:
@@ -296,7 +299,7 @@ def _row_diff(a: bytes, b: bytes) -> str:
         return "same rows, different order"
     only_a = ra.filter(~ra.is_in(rb.implode())).len()
     only_b = rb.filter(~rb.is_in(ra.implode())).len()
-    return f"content differs: {only_a} rows only in pipeline, {only_b} only in duckdb"
+    return f"content differs: {only_a} rows only in pipeline, {only_b} only in the reference"
 
 
 # --------------------------------------------------------------------------------------------
@@ -602,6 +605,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="a checkout of other code (e.g. `git archive` of an older commit): "
                              "its run_pipeline.py replaces the DuckDB side, same data, "
                              "alternating, outputs compared")
+    parser.add_argument("--reference", choices=("duckdb", "polars"), default="duckdb",
+                        help="email workloads: what the pipeline is compared with, the DuckDB "
+                             "script (default) or the lean in-memory polars script "
+                             "(benchmarks/polars_email.py: the same stack without the product)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--data", type=Path, default=Path("bench-data"))
     parser.add_argument("--keep", action="store_true", help="keep the runs' outputs")
@@ -644,9 +651,11 @@ def main(argv: list[str] | None = None) -> int:
     # One folder per invocation: benchmarks run at the same time on one dataset must not
     # clear each other's outputs (they still share the CPU: their timings are not valid).
     runs = folder / "runs" / f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
-    other = "baseline" if args.baseline else "duckdb"  # what the pipeline is compared with
-    if args.baseline:
-        sides = {"baseline" if x == "duckdb" else x for x in sides}
+    # what the pipeline is compared with ("duckdb" in --sides names it)
+    other = "baseline" if args.baseline else args.reference
+    if args.reference == "polars" and args.workload == "mixed":
+        parser.error("--reference polars is written for the email workloads")
+    sides = {other if x == "duckdb" else x for x in sides}
     dirs = {side: runs / side for side in ("pipeline", other)}
     first_pair: tuple[list[str], list[str]] = ([], [])
     first_ok = False
@@ -674,9 +683,9 @@ def main(argv: list[str] | None = None) -> int:
     if results:
         print()
         print(_fmt_table(table))
-    record: dict = {"workload": args.workload, "lines": args.lines, "profiles": args.profiles,
-                    "files": args.files, "input_lines": rows, "code": code,
-                    "runs": [asdict(m) | {"report": None} for m in results]}
+    record: dict = {"workload": args.workload, "reference": other, "lines": args.lines,
+                    "profiles": args.profiles, "files": args.files, "input_lines": rows,
+                    "code": code, "runs": [asdict(m) | {"report": None} for m in results]}
     if sides >= {"pipeline", other} and results:
         pairs = [(results[i], results[i + 1]) for i in range(0, len(results) - 1, 2)]
         ratios = sorted(p.wall_s / d.wall_s for p, d in pairs)
@@ -703,10 +712,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.nights:
         record["nights"] = nights(data, runs, env, args.rss_limit_mb)
     for m in results:
-        if m.side == "duckdb" and m.report.get("steps"):
+        if m.side in ("duckdb", "polars") and m.report.get("steps"):
             steps = ", ".join(f"{k} {v:.1f}" for k, v in m.report["steps"].items())
-            print(f"duckdb steps (s): {steps}")
-            record["duckdb_steps"] = m.report["steps"]
+            print(f"{m.side} steps (s): {steps}")
+            record[f"{m.side}_steps"] = m.report["steps"]
 
     if args.profile_stages:
         run_dir = runs / "profile"
