@@ -144,7 +144,7 @@ def _by_profile(rows: pl.DataFrame) -> pl.DataFrame:
     return rows.sort("profile_id", "segment_id")
 
 
-def _gathered_from(attrs: pl.LazyFrame) -> pl.DataFrame:
+def gathered_from(attrs: pl.LazyFrame) -> pl.DataFrame:
     """Attributes read to be gathered from by profile number: in one chunk (a scan gives
     several, and a gather from a many-chunk string column took ~5 x as long)."""
     return attrs.collect().rechunk()
@@ -154,7 +154,7 @@ def _attribute(rows: pl.DataFrame, attrs: pl.LazyFrame, column: str) -> pl.Serie
     """Each row's profile attribute `column` (null when the profile or its value is
     missing): a gather by profile number, or a join on profile_id for rows without."""
     if "pnum" in rows.columns:
-        values = _gathered_from(attrs.select(column)).to_series()
+        values = gathered_from(attrs.select(column)).to_series()
         return values.gather(rows.get_column("pnum"))
     ids = attrs.select("profile_id", pl.col(column).alias("_value")).collect()
     # profile_id is unique in the snapshot (checked on read): no m:1 validation pass.
@@ -196,7 +196,7 @@ class InboundWriter:
         self.out.unmapped_segments += audience.height - mapped.height
         column = DPUUID_COLUMN[self.dest.id]
         if column == "email_key" and "pnum" in mapped.columns:
-            self._add_ranked(mapped, _gathered_from(attrs.select(column, "email_order")))
+            self._add_ranked(mapped, gathered_from(attrs.select(column, "email_order")))
             return
         with_ids = mapped.with_columns(dpuuid=_attribute(mapped, attrs, column))
         rows = with_ids.filter(pl.col("dpuuid").is_not_null())
